@@ -1,0 +1,42 @@
+"""Stable error codes: the one place every refusal is named.
+
+A refusal is a ``PipelineError`` carrying one of the codes below. The CLI prints it as
+``error[CODE]: message`` and exits 2; the app shows it as a ``gr.Error``. Anything else
+that escapes a stage is a bug (CLI exit 1).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    """Codes other tools match on; never rename one, only add."""
+
+    INVALID_FORMAT = "INVALID_FORMAT"
+    MULTI_SERIES = "MULTI_SERIES"
+    INVALID_DIMENSIONS = "INVALID_DIMENSIONS"
+    INVALID_VALUES = "INVALID_VALUES"
+    FILE_TOO_LARGE = "FILE_TOO_LARGE"
+    UNSAFE_ARCHIVE = "UNSAFE_ARCHIVE"
+    EMPTY_ARCHIVE = "EMPTY_ARCHIVE"
+    SEG_MISMATCH = "SEG_MISMATCH"
+    INVALID_LABELS = "INVALID_LABELS"
+    INVALID_PARAMETERS = "INVALID_PARAMETERS"
+    SEGMENTATION_FAILED = "SEGMENTATION_FAILED"
+    MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
+    GPU_OOM = "GPU_OOM"
+    QUEUE_FULL = "QUEUE_FULL"
+    INTERNAL = "INTERNAL"
+
+
+class PipelineError(Exception):
+    """A refusal or a known failure with a stable code and a message that says what to do."""
+
+    def __init__(self, code: ErrorCode | str, message: str):
+        self.code = ErrorCode(code)
+        self.message = message
+        super().__init__(f"{self.code.value}: {message}")
+
+    def __str__(self) -> str:
+        return f"error[{self.code.value}]: {self.message}"

@@ -1,0 +1,519 @@
+"""Load, validate and orient what a researcher uploads.
+
+Accepted: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``, a single 3-D (multi-frame) ``.dcm``, a
+folder or ``.zip`` holding exactly one DICOM series (files with or without extension, any
+depth) or exactly one NIfTI/NRRD/MHA image. A two-echo qDESS series keeps both echoes and
+exposes their root-sum-of-squares as the analysis image. Everything else is refused with a
+stable ``ErrorCode`` and a message that says what to do.
+
+Pixel data is read fully into memory; any archive is extracted into a fresh temporary folder
+that is removed before the function returns, whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+import zipfile
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import labels as L
+from .errors import ErrorCode, PipelineError
+
+CANONICAL = "PIR"  # numpy axis 0 = M/L (toward right), 1 = S/I (inferior +), 2 = A/P (posterior +)
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+DEFAULT_MAX_BYTES = 600 * 1024**2
+MAX_ARCHIVE_MEMBERS = 5000
+MAX_ARCHIVE_BYTES = 4 * 1024**3
+MAX_ARCHIVE_RATIO = 200.0
+MIN_AXIS_VOXELS = 16
+SPACING_RANGE_MM = (0.01, 20.0)
+GEOMETRY_RTOL = 1e-3
+_NESTED_ARCHIVES = (".zip", ".tar", ".tgz", ".tar.gz", ".gz", ".bz2", ".xz", ".7z", ".rar")
+_JUNK = ("__MACOSX", ".DS_Store", "Thumbs.db", "DICOMDIR")
+
+
+@dataclass
+class LoadedImage:
+    """One well-defined 3-D image (original geometry, float32, no metadata) and what we know."""
+
+    image: sitk.Image
+    stem: str
+    fmt: str
+    series_description: str = ""
+    echo1: sitk.Image | None = None
+    echo2: sitk.Image | None = None
+    qdess_params: object | None = None  # pipeline.t2.QDessParams for two-echo series
+    qdess_tags_present: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_echoes(self) -> int:
+        return 2 if self.echo1 is not None else 1
+
+    def summary(self) -> dict:
+        """JSON-serialisable description (what ``inspect`` prints)."""
+        img = self.image
+        return {
+            "stem": self.stem,
+            "format": self.fmt,
+            "size": list(img.GetSize()),
+            "spacing": [round(v, 6) for v in img.GetSpacing()],
+            "origin": [round(v, 4) for v in img.GetOrigin()],
+            "orientation": orientation_code(img),
+            "echoes": self.n_echoes,
+            "qdess_tags_present": self.qdess_tags_present,
+            "series_description": self.series_description,
+            "warnings": list(self.warnings),
+        }
+
+
+# ---------------------------------------------------------------- public API
+
+
+def input_stem(path: str | os.PathLike) -> str:
+    """File or folder name without image/archive extensions (``knee.nii.gz`` → ``knee``)."""
+    name = Path(path).name
+    low = name.lower()
+    for ext in (*IMAGE_EXTENSIONS, ".zip", ".dcm"):
+        if low.endswith(ext):
+            return name[: -len(ext)] or "input"
+    return name or "input"
+
+
+def load_image(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> LoadedImage:
+    """Load and validate an uploaded MRI; raise ``PipelineError`` with a stable code if refused."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: file not found")
+    _check_size(path, max_bytes)
+    stem = input_stem(path)
+    low = path.name.lower()
+    if path.is_dir():
+        loaded = _load_from_folder(path, stem, "dicom-folder")
+    elif low.endswith(".zip"):
+        with _extracted(path) as folder:
+            loaded = _load_from_folder(folder, stem, "zip")
+    elif low.endswith(IMAGE_EXTENSIONS):
+        loaded = LoadedImage(_read_image_file(path), stem, _format_of(path))
+    elif low.endswith((".dcm", ".ima")) or _is_dicom(path):
+        loaded = _load_single_dicom(path, stem)
+    else:
+        raise PipelineError(
+            ErrorCode.INVALID_FORMAT,
+            f"{path.name}: unsupported file type. Upload .nii/.nii.gz, .nrrd, .mha, a 3-D .dcm, "
+            "or a .zip of one DICOM series or one image.",
+        )
+    loaded.image = _validated(loaded.image, path.name)
+    return loaded
+
+
+def load_segmentation(
+    path: str | os.PathLike, reference: sitk.Image, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> sitk.Image:
+    """Load a user segmentation on ``reference``'s grid, in the published label scheme.
+
+    The segmentation may store the same grid along other axes (e.g. a converter's RAS NIfTI
+    of a DICOM series); it is re-stored like the reference before the grid is compared.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: file not found")
+    _check_size(path, max_bytes)
+    low = path.name.lower()
+    if low.endswith(".zip"):
+        with _extracted(path) as folder:
+            images = [p for p in _files(folder) if p.name.lower().endswith(IMAGE_EXTENSIONS)]
+            if len(images) != 1:
+                raise PipelineError(
+                    ErrorCode.INVALID_FORMAT,
+                    f"{path.name}: a segmentation zip must hold exactly one NIfTI/NRRD/MHA file "
+                    f"(found {len(images)}).",
+                )
+            seg = _read_image_file(images[0])
+    elif low.endswith(IMAGE_EXTENSIONS):
+        seg = _read_image_file(path)
+    else:
+        raise PipelineError(
+            ErrorCode.INVALID_FORMAT,
+            f"{path.name}: a segmentation must be .nii/.nii.gz, .nrrd or .mha (label map).",
+        )
+    if seg.GetDimension() != 3 or seg.GetNumberOfComponentsPerPixel() != 1:
+        raise PipelineError(
+            ErrorCode.SEG_MISMATCH, f"{path.name}: the segmentation must be one 3-D label map."
+        )
+    if orientation_code(seg) != orientation_code(reference):
+        seg = sitk.DICOMOrient(seg, orientation_code(reference))
+    _check_same_grid(seg, reference, path.name)
+    arr = sitk.GetArrayFromImage(seg)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise PipelineError(
+                ErrorCode.INVALID_LABELS,
+                f"{path.name}: the segmentation holds non-integer values; expected labels 0–9.",
+            )
+    values = np.unique(arr).astype(np.int64)
+    bad = sorted(set(values.tolist()) - {0, *L.SEG_LABELS})
+    if bad:
+        raise PipelineError(
+            ErrorCode.INVALID_LABELS,
+            f"{path.name}: unknown label value(s) {bad[:20]}; expected 0–9 "
+            "(1 patellar cart, 2 femoral cart, 3/4 medial/lateral tibial cart, 5/6 menisci, "
+            "7 femur, 8 tibia, 9 patella).",
+        )
+    out = sitk.GetImageFromArray(arr.astype(np.uint8))
+    out.CopyInformation(reference)
+    return out
+
+
+def orientation_code(image: sitk.Image) -> str:
+    """DICOM-style three-letter code (where each index axis points; LPS = identity)."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def to_canonical(image: sitk.Image) -> sitk.Image:
+    """Re-store an image so numpy axis 0 is M/L, 1 is S/I and 2 is A/P (code ``PIR``).
+
+    An exact permutation/flip of voxels (no interpolation), which is what the mesh and
+    subregion stages assume (pymskt's ``ml_axis=0``).
+    """
+    return sitk.DICOMOrient(image, CANONICAL)
+
+
+def from_canonical(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Inverse of ``to_canonical``: back onto ``reference``'s original grid and axis order."""
+    out = sitk.DICOMOrient(image, orientation_code(reference))
+    _check_same_grid(out, reference, "internal result", code=ErrorCode.INTERNAL)
+    out.CopyInformation(reference)  # remove rounding noise from the permutation
+    return out
+
+
+def deidentified(image: sitk.Image) -> sitk.Image:
+    """Copy without metadata: nothing from a DICOM/NIfTI header reaches any output file."""
+    out = sitk.Image(image)
+    for key in out.GetMetaDataKeys():
+        out.EraseMetaData(key)
+    return out
+
+
+# ---------------------------------------------------------------- files and archives
+
+
+def _check_size(path: Path, max_bytes: int) -> None:
+    size = (
+        sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
+    if size > max_bytes:
+        raise PipelineError(
+            ErrorCode.FILE_TOO_LARGE,
+            f"{path.name} is {size / 1024**2:.0f} MB; the limit is {max_bytes / 1024**2:.0f} MB.",
+        )
+    if size == 0:
+        raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name} is empty.")
+
+
+@contextmanager
+def _extracted(zip_path: Path) -> Iterator[Path]:
+    """Safely extract a zip into a fresh temp folder; always removed afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="knee_upload_"))
+    try:
+        _safe_extract(zip_path, tmp)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _safe_extract(zip_path: Path, dest: Path) -> None:
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise PipelineError(
+            ErrorCode.INVALID_FORMAT, f"{zip_path.name}: not a readable zip archive ({exc})."
+        ) from None
+    with zf:
+        members = [m for m in zf.infolist() if not m.is_dir()]
+        if len(zf.infolist()) > MAX_ARCHIVE_MEMBERS:
+            raise PipelineError(
+                ErrorCode.UNSAFE_ARCHIVE,
+                f"{zip_path.name} holds {len(zf.infolist())} entries (limit {MAX_ARCHIVE_MEMBERS}).",
+            )
+        total = sum(m.file_size for m in members)
+        packed = max(1, sum(m.compress_size for m in members))
+        if total > MAX_ARCHIVE_BYTES or total / packed > MAX_ARCHIVE_RATIO:
+            raise PipelineError(
+                ErrorCode.UNSAFE_ARCHIVE,
+                f"{zip_path.name} expands to {total / 1024**2:.0f} MB (ratio {total / packed:.0f}); "
+                f"limits are {MAX_ARCHIVE_BYTES / 1024**3:.0f} GB and {MAX_ARCHIVE_RATIO:.0f}×.",
+            )
+        root = dest.resolve()
+        for m in members:
+            name = m.filename.replace("\\", "/")
+            mode = (m.external_attr >> 16) & 0xFFFF
+            if stat.S_ISLNK(mode):
+                raise PipelineError(
+                    ErrorCode.UNSAFE_ARCHIVE, f"{zip_path.name}: symbolic link {name!r} refused."
+                )
+            target = (root / name).resolve()
+            if name.startswith("/") or ":" in name.split("/")[0] or not target.is_relative_to(
+                root
+            ):
+                raise PipelineError(
+                    ErrorCode.UNSAFE_ARCHIVE,
+                    f"{zip_path.name}: member {name!r} points outside the archive.",
+                )
+            low = name.lower()
+            if low.endswith(_NESTED_ARCHIVES) and not low.endswith(".nii.gz"):
+                raise PipelineError(
+                    ErrorCode.UNSAFE_ARCHIVE,
+                    f"{zip_path.name}: nested archive {name!r}; put the images in one zip.",
+                )
+        if not [m for m in members if not _is_junk(Path(m.filename))]:
+            raise PipelineError(ErrorCode.EMPTY_ARCHIVE, f"{zip_path.name} holds no files.")
+        for m in members:
+            target = root / m.filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(m) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _is_junk(rel: Path) -> bool:
+    return any(part in _JUNK or part.startswith("._") for part in rel.parts) or rel.name.startswith(
+        "."
+    )
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and not _is_junk(p.relative_to(folder))
+    )
+
+
+def _format_of(path: Path) -> str:
+    low = path.name.lower()
+    for ext in IMAGE_EXTENSIONS:
+        if low.endswith(ext):
+            return ext.lstrip(".")
+    return "dicom"
+
+
+def _read_image_file(path: Path) -> sitk.Image:
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise PipelineError(
+            ErrorCode.INVALID_FORMAT, f"{path.name}: not a readable image (corrupt or truncated)."
+        ) from None
+    return img
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+# ---------------------------------------------------------------- DICOM
+
+
+def _read_header(path: Path):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=True, force=not _is_dicom(path))
+    except Exception:
+        return None
+
+
+def _has_pixels(ds) -> bool:
+    return ds is not None and ("PixelData" in ds or (0x7FE0, 0x0010) in ds or "Rows" in ds)
+
+
+def _load_single_dicom(path: Path, stem: str) -> LoadedImage:
+    ds = _read_header(path)
+    if ds is None:
+        raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: not a readable DICOM file.")
+    if "Rows" not in ds:
+        raise PipelineError(
+            ErrorCode.INVALID_FORMAT, f"{path.name}: DICOM file without pixel data (no image)."
+        )
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames < 2:
+        raise PipelineError(
+            ErrorCode.INVALID_DIMENSIONS,
+            f"{path.name} is a single 2-D slice; upload the whole series as one .zip.",
+        )
+    img = _read_image_file(path)
+    return LoadedImage(img, stem, "dicom", series_description=_series_description(ds))
+
+
+def _series_description(ds) -> str:
+    return str(getattr(ds, "SeriesDescription", "") or "")
+
+
+def _load_from_folder(folder: Path, stem: str, fmt: str) -> LoadedImage:
+    files = _files(folder)
+    if not files:
+        raise PipelineError(ErrorCode.EMPTY_ARCHIVE, f"{stem}: no files found.")
+    images = [p for p in files if p.name.lower().endswith(IMAGE_EXTENSIONS)]
+    others = [p for p in files if p not in images]
+    series: dict[str, list[tuple[Path, object]]] = defaultdict(list)
+    no_pixels = 0
+    for p in others:
+        ds = _read_header(p)
+        if ds is None or "SOPClassUID" not in ds and "Rows" not in ds:
+            continue  # not DICOM (readme, thumbnails): ignored
+        if "Rows" not in ds:
+            no_pixels += 1
+            continue
+        series[str(getattr(ds, "SeriesInstanceUID", "unknown"))].append((p, ds))
+    n_found = len(series) + len(images)
+    if n_found == 0:
+        if no_pixels:
+            raise PipelineError(
+                ErrorCode.INVALID_FORMAT, f"{stem}: the DICOM files hold no pixel data (no image)."
+            )
+        raise PipelineError(
+            ErrorCode.INVALID_FORMAT,
+            f"{stem}: no DICOM series or NIfTI/NRRD/MHA image found in the upload.",
+        )
+    if n_found > 1:
+        found = [
+            f"'{_series_description(items[0][1]) or 'no description'}' ({len(items)} files)"
+            for items in series.values()
+        ] + [f"image file {p.name}" for p in images]
+        raise PipelineError(
+            ErrorCode.MULTI_SERIES,
+            f"{stem}: the upload holds {n_found} series/images: {', '.join(found)}. "
+            "Upload exactly one series (e.g. the sagittal DESS) per job.",
+        )
+    if images:
+        return LoadedImage(_read_image_file(images[0]), stem, f"{fmt}:{_format_of(images[0])}")
+    (items,) = series.values()
+    return _load_series(items, stem, fmt)
+
+
+def _load_series(items: list[tuple[Path, object]], stem: str, fmt: str) -> LoadedImage:
+    from . import qdess
+
+    description = _series_description(items[0][1])
+    datasets = [ds for _, ds in items]
+    if qdess.is_two_echo_series(datasets):
+        q = qdess.load_qdess_series([p for p, _ in items])
+        echo1 = sitk.Cast(q.echo1, sitk.sitkFloat32)
+        echo2 = sitk.Cast(q.echo2, sitk.sitkFloat32)
+        rss = sitk.Sqrt(echo1 * echo1 + echo2 * echo2)
+        return LoadedImage(
+            rss, stem, fmt, description, echo1=echo1, echo2=echo2,
+            qdess_params=q.params, qdess_tags_present=q.tags_present,
+        )
+    if len(items) == 1:
+        return _load_single_dicom(items[0][0], stem)
+    paths = _sorted_by_position(items)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(p) for p in paths])
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise PipelineError(
+            ErrorCode.INVALID_FORMAT, f"{stem}: the DICOM series could not be read ({exc})."
+        ) from None
+    return LoadedImage(img, stem, fmt, description)
+
+
+def _sorted_by_position(items: list[tuple[Path, object]]) -> list[Path]:
+    """Order slices along the slice normal (ImagePositionPatient · normal)."""
+    try:
+        iop = np.array(items[0][1].ImageOrientationPatient, dtype=float)
+        normal = np.cross(iop[:3], iop[3:])
+        keyed = [(float(np.dot(normal, np.array(ds.ImagePositionPatient, float))), p) for p, ds in items]
+    except (AttributeError, ValueError, TypeError):
+        keyed = [(float(getattr(ds, "InstanceNumber", 0) or 0), p) for p, ds in items]
+    positions = [k for k, _ in keyed]
+    if len(set(np.round(positions, 4))) != len(positions):
+        raise PipelineError(
+            ErrorCode.INVALID_DIMENSIONS,
+            "the DICOM series has several images at the same slice position "
+            "(more than one echo/phase/volume?); upload one 3-D series.",
+        )
+    return [p for _, p in sorted(keyed, key=lambda kp: kp[0])]
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _validated(img: sitk.Image, name: str) -> sitk.Image:
+    dim = img.GetDimension()
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise PipelineError(
+            ErrorCode.INVALID_DIMENSIONS,
+            f"{name}: image has {img.GetNumberOfComponentsPerPixel()} components per voxel "
+            "(colour/vector); upload a grey-scale MRI.",
+        )
+    if dim == 4 and img.GetSize()[3] == 1:
+        img = img[:, :, :, 0]
+        dim = 3
+    if dim != 3:
+        raise PipelineError(
+            ErrorCode.INVALID_DIMENSIONS,
+            f"{name}: image is {dim}-D with size {list(img.GetSize())}; expected one 3-D volume.",
+        )
+    size = img.GetSize()
+    if min(size) < MIN_AXIS_VOXELS:
+        raise PipelineError(
+            ErrorCode.INVALID_DIMENSIONS,
+            f"{name}: size {list(size)} has an axis under {MIN_AXIS_VOXELS} voxels; "
+            "upload the whole 3-D volume.",
+        )
+    spacing = img.GetSpacing()
+    lo, hi = SPACING_RANGE_MM
+    if not all(lo <= s <= hi for s in spacing):
+        raise PipelineError(
+            ErrorCode.INVALID_DIMENSIONS,
+            f"{name}: voxel spacing {[round(s, 4) for s in spacing]} mm is outside "
+            f"{lo}–{hi} mm; check the file's header.",
+        )
+    img = sitk.Cast(img, sitk.sitkFloat32)
+    arr = sitk.GetArrayViewFromImage(img)
+    if not np.all(np.isfinite(arr)):
+        raise PipelineError(ErrorCode.INVALID_VALUES, f"{name}: image contains NaN or Inf values.")
+    if float(arr.max()) == float(arr.min()):
+        raise PipelineError(
+            ErrorCode.INVALID_VALUES, f"{name}: image is constant ({float(arr.min())}); no anatomy."
+        )
+    return deidentified(img)
+
+
+def _check_same_grid(
+    seg: sitk.Image, ref: sitk.Image, name: str, code: ErrorCode = ErrorCode.SEG_MISMATCH
+) -> None:
+    problems = []
+    if seg.GetSize() != ref.GetSize():
+        problems.append(f"size {list(seg.GetSize())} vs image {list(ref.GetSize())}")
+    else:
+        for what, a, b in (
+            ("spacing", seg.GetSpacing(), ref.GetSpacing()),
+            ("origin", seg.GetOrigin(), ref.GetOrigin()),
+            ("direction", seg.GetDirection(), ref.GetDirection()),
+        ):
+            a, b = np.asarray(a), np.asarray(b)
+            scale = max(1.0, float(np.max(np.abs(b)))) if what != "spacing" else np.abs(b)
+            if np.any(np.abs(a - b) > GEOMETRY_RTOL * scale):
+                problems.append(f"{what} {np.round(a, 4).tolist()} vs image {np.round(b, 4).tolist()}")
+    if problems:
+        raise PipelineError(
+            code, f"{name} does not match the image grid: " + "; ".join(problems) + "."
+        )

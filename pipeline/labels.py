@@ -1,0 +1,73 @@
+"""Label scheme and region names: the published nnU-Net knee model's numbering.
+
+One source of truth for every stage, the outputs and the app.
+"""
+
+from __future__ import annotations
+
+BACKGROUND = 0
+PATELLAR_CART = 1
+FEMORAL_CART = 2
+MED_TIB_CART = 3
+LAT_TIB_CART = 4
+MED_MENISCUS = 5
+LAT_MENISCUS = 6
+FEMUR = 7
+TIBIA = 8
+PATELLA = 9
+
+# Femoral cartilage subregions (replace label 2 in the subregion map).
+ANT_FEM_CART = 11
+MED_WB_FEM_CART = 12
+LAT_WB_FEM_CART = 13
+MED_POST_FEM_CART = 14
+LAT_POST_FEM_CART = 15
+
+LABEL_NAMES: dict[int, str] = {
+    PATELLAR_CART: "patellar_cartilage",
+    FEMORAL_CART: "femoral_cartilage",
+    MED_TIB_CART: "medial_tibial_cartilage",
+    LAT_TIB_CART: "lateral_tibial_cartilage",
+    MED_MENISCUS: "medial_meniscus",
+    LAT_MENISCUS: "lateral_meniscus",
+    FEMUR: "femur",
+    TIBIA: "tibia",
+    PATELLA: "patella",
+}
+SEG_LABELS: tuple[int, ...] = tuple(LABEL_NAMES)
+SUBREGION_LABELS: tuple[int, ...] = (
+    ANT_FEM_CART, MED_WB_FEM_CART, LAT_WB_FEM_CART, MED_POST_FEM_CART, LAT_POST_FEM_CART,
+)
+CARTILAGE_LABELS: tuple[int, ...] = (PATELLAR_CART, FEMORAL_CART, MED_TIB_CART, LAT_TIB_CART)
+
+# Region keys of the results table, as the reference pipeline names them, in output order.
+REGION_KEYS: dict[int, str] = {
+    ANT_FEM_CART: "ant_fem_cart",
+    MED_WB_FEM_CART: "med_wb_fem_cart",
+    LAT_WB_FEM_CART: "lat_wb_fem_cart",
+    MED_POST_FEM_CART: "med_post_fem_cart",
+    LAT_POST_FEM_CART: "lat_post_fem_cart",
+    MED_TIB_CART: "med_tib_cart",
+    LAT_TIB_CART: "lat_tib_cart",
+    PATELLAR_CART: "pat_cart",
+}
+# The nine cartilage labels T2 statistics are reported for (femoral total + subregions).
+T2_REGION_KEYS: dict[int, str] = {FEMORAL_CART: "fem_cart", **REGION_KEYS}
+
+# Display colours (RGB 0-255) for overlays and legends.
+LABEL_COLORS: dict[int, tuple[int, int, int]] = {
+    PATELLAR_CART: (255, 165, 0),
+    FEMORAL_CART: (0, 200, 255),
+    MED_TIB_CART: (255, 60, 60),
+    LAT_TIB_CART: (60, 200, 60),
+    MED_MENISCUS: (200, 0, 200),
+    LAT_MENISCUS: (255, 255, 0),
+    FEMUR: (230, 220, 200),
+    TIBIA: (180, 180, 230),
+    PATELLA: (200, 240, 200),
+    ANT_FEM_CART: (0, 120, 255),
+    MED_WB_FEM_CART: (0, 255, 200),
+    LAT_WB_FEM_CART: (120, 255, 0),
+    MED_POST_FEM_CART: (255, 0, 120),
+    LAT_POST_FEM_CART: (160, 80, 255),
+}
