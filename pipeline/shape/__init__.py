@@ -1,0 +1,63 @@
+"""Neural shape model (NSM) of the femur and BScore, implemented from specs/nsm-bscore.md.
+
+Modules: ``decoder`` (triplanar decoder, checkpoint loading), ``mesh`` (SDF mesh extraction,
+ASSD), ``prepare`` (side, mirroring, femur clipping), ``register`` (similarity ICP), ``fit``
+(latent optimisation), ``bscore``, ``models`` (local / Hub model folders), ``outputs``
+(reference file names), ``run`` (all of it in one call).
+"""
+
+from pipeline.shape.bscore import bscore
+from pipeline.shape.decoder import TriplanarDecoder, load_config, load_decoder
+from pipeline.shape.fit import FitResult, ReconSettings, fit_nsm, mean_shape
+from pipeline.shape.mesh import (
+    Extraction,
+    ObjectMesh,
+    TriMesh,
+    assd,
+    decoder_sdf_fn,
+    extract_meshes,
+    read_mesh,
+    write_vtk,
+)
+from pipeline.shape.models import (
+    VARIANTS,
+    ModelPaths,
+    download_model,
+    locate_model,
+    resolve_local_model,
+)
+from pipeline.shape.outputs import OUTPUT_NAMES, nsm_params, write_nsm_outputs
+from pipeline.shape.prepare import clip_femur_top, detect_knee_side, mirror_left_to_right
+from pipeline.shape.run import ShapeRun, run_shape_model
+
+__all__ = [
+    "OUTPUT_NAMES",
+    "VARIANTS",
+    "Extraction",
+    "FitResult",
+    "ModelPaths",
+    "ObjectMesh",
+    "ReconSettings",
+    "ShapeRun",
+    "TriMesh",
+    "TriplanarDecoder",
+    "assd",
+    "bscore",
+    "clip_femur_top",
+    "decoder_sdf_fn",
+    "detect_knee_side",
+    "download_model",
+    "extract_meshes",
+    "fit_nsm",
+    "load_config",
+    "load_decoder",
+    "locate_model",
+    "mean_shape",
+    "mirror_left_to_right",
+    "nsm_params",
+    "read_mesh",
+    "resolve_local_model",
+    "run_shape_model",
+    "write_nsm_outputs",
+    "write_vtk",
+]

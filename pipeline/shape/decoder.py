@@ -168,7 +168,8 @@ class _SdfDecoder(nn.Module):
         super().__init__()
         widths = [in_features, *hidden_dims, n_objects]
         make = WeightNormLinear if weight_norm else nn.Linear
-        self.layers = nn.ModuleList(make(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        pairs = zip(widths[:-1], widths[1:], strict=True)
+        self.layers = nn.ModuleList(make(a, b) for a, b in pairs)
         self.activation = _activation(activation)
         self.final_activation = _activation(final_activation)
         self.dropout = nn.Dropout(dropout_prob) if dropout_prob > 0 else None

@@ -206,8 +206,9 @@ def reconstruct_latent(
         if use_all:
             pts, tgt = pts_all, tgt_all
         else:
-            idx = torch.cat([torch.randperm(n, generator=gen)[:c] + int(off)
-                             for n, c, off in zip(sizes, counts, offsets)]).to(device)
+            parts = [torch.randperm(n, generator=gen)[:c] + int(off)
+                     for n, c, off in zip(sizes, counts, offsets[:-1], strict=True)]
+            idx = torch.cat(parts).to(device)
             pts, tgt = pts_all[idx], tgt_all[idx]
         opt.zero_grad(set_to_none=True)
         pred = decoder.sdf(_ScaleGrad.apply(latent, float(len(pts))), pts)
@@ -324,7 +325,7 @@ def fit_nsm(
         ) from exc
     finally:
         decoder.to(home).train(was_training)
-        for param, flag in zip(decoder.parameters(), grad_flags):
+        for param, flag in zip(decoder.parameters(), grad_flags, strict=True):
             param.requires_grad_(flag)
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,356 @@
+"""One entry point that runs the stages in order: ``run(input, out_dir, Options(), ...)``.
+
+Data flows one way: load → segmentation → canonical orientation → femoral subregions →
+meshes and thickness per bone → T2 (qDESS) → shape model → package. Each step is reported
+through the ``progress`` callback as a ``Step`` (name, index, total, fraction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from . import __version__, inputs, regions, thickness
+from . import labels as L
+from .errors import ErrorCode, PipelineError
+from .package import Outputs
+
+NSM_CHOICES = ("none", "bone_cart", "bone", "both")
+
+
+@dataclass
+class Options:
+    """Every option of a job (all recorded in the provenance)."""
+
+    model: str | None = None  # registry name or local nnU-Net model folder
+    cart_smooth_var: float = 0.3125
+    compute_t2: bool = True
+    nsm: str = "none"
+    nsm_dir: str | None = None
+    max_mb: float = 600.0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.nsm not in NSM_CHOICES:
+            raise PipelineError(
+                ErrorCode.INVALID_PARAMETERS, f"nsm must be one of {', '.join(NSM_CHOICES)}"
+            )
+        if not 0 < self.cart_smooth_var <= 5:
+            raise PipelineError(
+                ErrorCode.INVALID_PARAMETERS, "cartilage smoothing variance must be in (0, 5] mm²"
+            )
+
+    @staticmethod
+    def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", help="segmentation model: registry name or local folder")
+        parser.add_argument("--cart-smooth", type=float, default=0.3125,
+                            help="cartilage Gaussian smoothing variance (mm²)")
+        parser.add_argument("--no-t2", action="store_true", help="skip qDESS T2 mapping")
+        parser.add_argument("--nsm", default="none", choices=NSM_CHOICES,
+                            help="shape model: none, bone_cart, bone or both")
+        parser.add_argument("--nsm-dir", help="local shape-model folder (instead of the Hub)")
+        parser.add_argument("--max-mb", type=float, default=600.0, help="upload size limit (MB)")
+        parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> Options:
+        return cls(
+            model=args.model, cart_smooth_var=args.cart_smooth, compute_t2=not args.no_t2,
+            nsm=args.nsm, nsm_dir=args.nsm_dir, max_mb=args.max_mb, device=args.device,
+        )
+
+
+@dataclass(frozen=True)
+class Step:
+    """A progress report: step ``index`` of ``total`` named ``name``, ``fraction`` of the job."""
+
+    name: str
+    index: int
+    total: int
+    fraction: float
+    detail: str = ""
+
+
+@dataclass
+class Result:
+    """What a job produced."""
+
+    zip_path: Path
+    out_dir: Path
+    metrics: pd.DataFrame
+    warnings: list[str]
+    provenance: dict
+    files: list[Path] = field(default_factory=list)
+
+
+ProgressFn = Callable[[Step], None]
+
+STAGES = (
+    "Loading input",
+    "Segmentation",
+    "Femoral subregions",
+    "Femur surface and thickness",
+    "Tibia surface and thickness",
+    "Patella surface and thickness",
+    "T2 mapping",
+    "Shape model",
+    "Writing results",
+)
+
+
+class _Tracker:
+    """Times stages and forwards progress."""
+
+    def __init__(self, progress: ProgressFn | None):
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        index = STAGES.index(name) + 1
+        self._emit(Step(name, index, len(STAGES), (index - 1) / len(STAGES)))
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+        self._emit(Step(name, index, len(STAGES), index / len(STAGES)))
+
+    def sub(self, name: str, done: int, total: int, detail: str = "") -> None:
+        """Progress inside a stage (e.g. segmentation patches, fit iterations)."""
+        index = STAGES.index(name) + 1
+        frac = (index - 1 + done / max(total, 1)) / len(STAGES)
+        self._emit(Step(name, index, len(STAGES), frac, detail or f"{done}/{total}"))
+
+    def _emit(self, step: Step) -> None:
+        if self.progress is not None:
+            self.progress(step)
+
+
+@contextmanager
+def job_tempdir() -> Iterator[Path]:
+    """Route every temp file of the job (ours and pymskt's) into one folder removed at the end.
+
+    Jobs run one at a time (the app's queue has one slot), so switching the process-wide
+    ``tempfile.tempdir`` is safe and guarantees no uploaded pixel data is left behind.
+    """
+    previous = tempfile.tempdir
+    folder = Path(tempfile.mkdtemp(prefix="knee_job_"))
+    tempfile.tempdir = str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(
+    input_path: str | Path,
+    out_dir: str | Path,
+    options: Options | None = None,
+    *,
+    seg_path: str | Path | None = None,
+    progress: ProgressFn | None = None,
+) -> Result:
+    """Run the whole pipeline on one input; write the results folder and zip into ``out_dir``."""
+    options = options or Options()
+    started = datetime.now(timezone.utc)
+    track = _Tracker(progress)
+    warnings: list[str] = []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    with job_tempdir():
+        with track.stage("Loading input"):
+            loaded = inputs.load_image(input_path, max_bytes=int(options.max_mb * 1024**2))
+            warnings += loaded.warnings
+        outputs = Outputs(out, loaded.stem)
+
+        with track.stage("Segmentation"):
+            model_info = None
+            if seg_path is not None:
+                seg = inputs.load_segmentation(
+                    seg_path, loaded.image, max_bytes=int(options.max_mb * 1024**2)
+                )
+            else:
+                seg, model_info = _segment_with_model(loaded, options, track)
+            _check_bones_present(seg)
+
+        seg_c = inputs.to_canonical(seg)
+        with track.stage("Femoral subregions"):
+            sub_c, notes = _subregions(seg_c)
+            warnings += notes
+
+        bone_results = []
+        for spec in thickness.BONES:
+            with track.stage(f"{spec.name.capitalize()} surface and thickness"):
+                res, notes = thickness.mesh_bone(
+                    seg_c, sub_c, spec, cart_smooth_var=options.cart_smooth_var
+                )
+                warnings += notes
+                if res is not None:
+                    bone_results.append(res)
+
+        metrics = thickness.region_thickness(bone_results)
+        metrics.update(thickness.region_volumes(sub_c))
+
+        with track.stage("T2 mapping"):
+            warnings += _t2_stage(loaded, sub_c, options, outputs, metrics)
+
+        with track.stage("Shape model"):
+            if options.nsm != "none":
+                warnings.append(
+                    "shape model (NSM/BScore) is not available in this version: skipped."
+                )
+
+        with track.stage("Writing results"):
+            outputs.write_image(inputs.from_canonical(seg_c, loaded.image), "all-labels")
+            outputs.write_image(inputs.from_canonical(sub_c, loaded.image), "subregions-labels")
+            mesh_index = _write_meshes(outputs, bone_results)
+            outputs.write_metrics(metrics)
+            provenance = _provenance(
+                loaded, options, model_info, track.seconds, started, warnings, mesh_index,
+                seg_source="upload" if seg_path is not None else "model",
+            )
+            outputs.write_json(provenance, f"{loaded.stem}_provenance.json")
+            zip_path = outputs.zip()
+    provenance["stage_seconds"] = track.seconds  # includes the packaging step itself
+    return Result(zip_path, out, pd.DataFrame([metrics]), warnings, provenance, outputs.files)
+
+
+def _segment_with_model(loaded, options: Options, track: _Tracker):
+    try:
+        from . import segment
+    except ImportError:
+        segment = None
+    if segment is None:
+        raise PipelineError(
+            ErrorCode.MODEL_UNAVAILABLE,
+            "no segmentation was uploaded and automatic segmentation is not available in this "
+            "installation; pass --seg with a label map (labels 0–9).",
+        )
+    return segment.segment(
+        loaded, options.model, device=options.device,
+        progress=lambda done, total, detail="": track.sub("Segmentation", done, total, detail),
+    )
+
+
+def _check_bones_present(seg: sitk.Image) -> None:
+    present = set(np.unique(sitk.GetArrayViewFromImage(seg)).tolist())
+    missing = [L.LABEL_NAMES[b] for b in (L.FEMUR, L.TIBIA) if b not in present]
+    if missing:
+        raise PipelineError(
+            ErrorCode.SEGMENTATION_FAILED,
+            f"the segmentation has no {' and no '.join(missing)} (labels 7 femur, 8 tibia); "
+            "a knee analysis needs both. Check the image is a knee MRI and the labels follow "
+            "the published scheme.",
+        )
+
+
+def _subregions(seg_c: sitk.Image) -> tuple[sitk.Image, list[str]]:
+    arr = sitk.GetArrayViewFromImage(seg_c)
+    if not np.any(arr == L.FEMORAL_CART):
+        return seg_c, ["femoral cartilage (label 2) is empty: femoral regions are NaN."]
+    if not (np.any(arr == L.MED_TIB_CART) and np.any(arr == L.LAT_TIB_CART)):
+        return seg_c, [
+            "medial and lateral tibial cartilage are both needed to orient the femoral "
+            "subregions: femoral regions are NaN."
+        ]
+    return regions.femoral_subregions(seg_c), []
+
+
+def _t2_stage(loaded, sub_c, options: Options, outputs: Outputs, metrics: dict) -> list[str]:
+    """qDESS T2 (when the input is a two-echo series with the GE spoiler tags)."""
+    if not options.compute_t2:
+        return []
+    from . import t2
+
+    if loaded.echo1 is None:
+        return [t2.t2_skip_reason(None, is_qdess=False)]
+    reason = t2.t2_skip_reason(loaded.qdess_params, is_qdess=True)
+    if reason:
+        return [reason]
+    notes: list[str] = []
+    low = t2.low_spoiling_warning(loaded.qdess_params)
+    if low:
+        notes.append(low)
+    e1 = sitk.GetArrayFromImage(loaded.echo1)
+    e2 = sitk.GetArrayFromImage(loaded.echo2)
+    t2_arr = t2.compute_t2_map(e1, e2, loaded.qdess_params).astype(np.float32)
+    t2_img = sitk.GetImageFromArray(t2_arr)
+    t2_img.CopyInformation(loaded.image)
+    outputs.write_image(t2_img, "t2map")
+    t2_c = sitk.GetArrayFromImage(inputs.to_canonical(t2_img)).astype(np.float64)
+    clipped = t2.clip_for_stats(t2_c)
+    sub_arr = sitk.GetArrayFromImage(sub_c)
+    # Femoral total (label 2) over all five subregions, plus each region.
+    region_map = np.where(np.isin(sub_arr, L.SUBREGION_LABELS), L.FEMORAL_CART, sub_arr)
+    fem_stats = t2.region_t2_stats(clipped, region_map, {L.FEMORAL_CART: "fem_cart"})
+    metrics.update(fem_stats)
+    metrics.update(t2.region_t2_stats(clipped, sub_arr, L.REGION_KEYS))
+    return notes
+
+
+def _write_meshes(outputs: Outputs, results: list) -> dict[str, int]:
+    """Bone meshes and their cartilage meshes; returns file name → region label."""
+    index: dict[str, int] = {}
+    for res in results:
+        outputs.write_mesh(res.bone_mesh, f"{res.spec.name}_mesh.vtk")
+        for i, (label, mesh) in enumerate(res.cartilage_meshes):
+            name = f"{res.spec.name}_cart_{i}_mesh.vtk"
+            outputs.write_mesh(mesh, name)
+            index[name] = int(label)
+    return index
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("SimpleITK", "mskt", "numpy", "vtk", "pyvista", "pydicom", "nnunetv2", "torch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _provenance(loaded, options, model_info, seconds, started, warnings, mesh_index, seg_source):
+    img = loaded.image
+    return {
+        "package": "knee-mri-app",
+        "version": __version__,
+        "options": asdict(options),
+        "segmentation_source": seg_source,
+        "model": model_info,
+        "input": {
+            "stem": loaded.stem,
+            "format": loaded.fmt,
+            "size": list(img.GetSize()),
+            "spacing": list(img.GetSpacing()),
+            "origin": list(img.GetOrigin()),
+            "direction": list(img.GetDirection()),
+            "orientation": inputs.orientation_code(img),
+            "echoes": loaded.n_echoes,
+            "qdess_tags_present": loaded.qdess_tags_present,
+        },
+        "reference_knee_sha256": regions.reference_checksum(),
+        "cartilage_mesh_labels": mesh_index,
+        "stage_seconds": dict(seconds),
+        "started_utc": started.isoformat(),
+        "finished_utc": datetime.now(timezone.utc).isoformat(),
+        "warnings": list(warnings),
+        "libraries": _library_versions(),
+    }
