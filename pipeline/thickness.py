@@ -15,10 +15,11 @@ is already closed; on phantoms the per-region means differ by ≤ 0.003 mm while
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,7 +76,7 @@ def quiet_native_output():
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 1)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -11,7 +11,10 @@ from pipeline.errors import ErrorCode, PipelineError
 from pipeline.shape import bscore
 
 BSCORE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "bscore"
-FOLDERS = ["NSM_Orig_BScore_Bone_Cartilage_April_17_2025", "NSM_Orig_BScore_Bone_Only_April_18_2025"]
+FOLDERS = [
+    "NSM_Orig_BScore_Bone_Cartilage_April_17_2025",
+    "NSM_Orig_BScore_Bone_Only_April_18_2025",
+]
 
 
 @pytest.fixture(params=FOLDERS)

@@ -21,6 +21,7 @@ from pipeline.shape.decoder import TriplanarDecoder
 from pipeline.shape.mesh import (
     FIT_PTS_PER_AXIS,
     MEAN_PTS_PER_AXIS,
+    MeshLike,
     TriMesh,
     as_trimesh,
     assd,
@@ -220,7 +221,7 @@ def reconstruct_latent(
         if progress is not None:
             progress(k + 1, n_iter)
         if track:
-            value = float(recon if settings.convergence_type == "recon_loss" else loss)
+            value = (recon if settings.convergence_type == "recon_loss" else loss).detach().item()
             if value < best:
                 best, stale = value, 0
                 best_latent = latent.detach().clone()  # after this iteration's step
@@ -241,8 +242,8 @@ def _pick_device(device: str | torch.device | None) -> torch.device:
 
 
 def fit_nsm(
-    bone,
-    cartilage=None,
+    bone: MeshLike,
+    cartilage: MeshLike | None = None,
     *,
     side: Side = "right",
     decoder: TriplanarDecoder,

@@ -9,11 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 from scipy import ndimage
 
+if TYPE_CHECKING:
+    import pyvista as pv
+    import torch
+
 SdfFn = Callable[[np.ndarray], np.ndarray]
+# What mesh inputs may be: a TriMesh, (vertices, faces) arrays, or a pyvista/vtk polydata.
+MeshLike = Union["TriMesh", tuple[np.ndarray, np.ndarray], "pv.PolyData"]
 
 COARSE_PTS_PER_AXIS = 64
 FIT_PTS_PER_AXIS = 256  # fitted shapes
@@ -36,14 +43,14 @@ class TriMesh:
         """Copy with the 4x4 matrix applied to the vertices (column-vector convention)."""
         return TriMesh(apply_transform(matrix, self.vertices), self.faces.copy())
 
-    def to_polydata(self):  # -> pyvista.PolyData (imported lazily: heavy)
+    def to_polydata(self) -> pv.PolyData:
         import pyvista as pv
 
         cells = np.hstack([np.full((len(self.faces), 1), 3), self.faces]).ravel()
         return pv.PolyData(self.vertices.copy(), cells)
 
     @classmethod
-    def from_polydata(cls, poly) -> TriMesh:
+    def from_polydata(cls, poly: Any) -> TriMesh:
         """From a pyvista/vtk polydata; polygons are triangulated."""
         import pyvista as pv
 
@@ -54,7 +61,7 @@ class TriMesh:
         return cls(np.asarray(mesh.points), faces)
 
 
-def as_trimesh(mesh) -> TriMesh:
+def as_trimesh(mesh: MeshLike) -> TriMesh:
     """Accept a TriMesh, a (vertices, faces) pair or a pyvista/vtk polydata."""
     if isinstance(mesh, TriMesh):
         return TriMesh(mesh.vertices.copy(), mesh.faces.copy())
@@ -235,7 +242,8 @@ def extract_meshes(
                       tuple(len(a) for a in axes), origin, s)
 
 
-def decoder_sdf_fn(decoder, latent, device=None) -> SdfFn:
+def decoder_sdf_fn(decoder: Any, latent: np.ndarray | torch.Tensor,
+                   device: str | torch.device | None = None) -> SdfFn:
     """Wrap a decoder and one latent as an SDF callable (planes decoded once, no grad)."""
     import torch
 

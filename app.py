@@ -1,0 +1,172 @@
+"""Knee MRI analysis: the Gradio page. ``python app.py`` serves it (settings: KNEE_* env vars).
+
+The page only wires components to ``app_support``; behaviour lives there.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+try:  # ZeroGPU needs `spaces` imported before anything touches CUDA (torch is imported later)
+    import spaces  # noqa: F401
+except ImportError:
+    pass
+
+import gradio as gr
+
+from app_support import system
+from app_support.config import Settings
+from app_support.service import NSM_LABELS, AnalysisService, has_rows
+from pipeline.run import Options
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES = ROOT / "assets" / "examples"
+EXAMPLE_IMAGE = EXAMPLES / "knee_phantom.nii.gz"
+EXAMPLE_SEG = EXAMPLES / "knee_phantom_seg.nii.gz"
+UPLOAD_TYPES = [".nii", ".nii.gz", ".nrrd", ".mha", ".dcm", ".zip"]
+GPU_GROUP = "gpu"  # every event that runs the pipeline shares this one-slot group
+
+INTRO = """# Knee MRI analysis
+Cartilage thickness and volume per region, qDESS T2 maps and (optionally) shape-model scores
+from a knee MRI. Upload an image and a segmentation (labels 0–9), or let a model segment it.
+"""
+DISCLAIMER = """> **Research use only.** Not a medical device; results must not be used for
+> diagnosis or treatment. **Upload de-identified data only**: remove names, IDs and dates from
+> file names and DICOM headers before uploading. Uploads and intermediate images are deleted
+> when the job ends; the results zip expires after 24 h.
+"""
+CPU_WARNING = """⚠️ **No GPU on this server.** Automatic segmentation runs on the CPU and can
+take many minutes per scan; with your own segmentation a job takes well under a minute."""
+
+
+def build_demo(settings: Settings | None = None) -> gr.Blocks:
+    """The whole page, with its queue configured; ``launch()`` it (tests pass a free port)."""
+    settings = settings or Settings.from_env()
+    settings.pin_gradio_temp_dir()  # before any Blocks exists: Gradio reads it at creation
+    service = AnalysisService(settings, protected_files=[EXAMPLE_IMAGE, EXAMPLE_SEG])
+    choices = system.segmentation_choices()
+    defaults = Options()
+
+    def analyze(
+        image: str | None,
+        segmentation: str | None,
+        segmentation_model: str | None,
+        shape_model: str,
+        cartilage_smoothing: float,
+        email: str | None,
+        research_consent: bool,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's injection idiom
+    ):
+        """Analyse one knee MRI; streams the current step, then all results."""
+        yield from service.analyze(image, segmentation, segmentation_model, shape_model,
+                                   cartilage_smoothing, email, research_consent, progress)
+
+    def analyze_example(image: str, segmentation: str, progress: gr.Progress = gr.Progress()):  # noqa: B008
+        # Examples fill only the two files; no consent and no e-mail for the demo data.
+        yield from service.analyze(image, segmentation, system.USE_OWN_SEG, "none",
+                                   defaults.cart_smooth_var, "", False, progress)
+
+    def health() -> dict:
+        """Version, device/GPU, usable segmentation models and queue length."""
+        return service.health()
+
+    def stats() -> dict:
+        """Usage: jobs processed (total, today UTC), mean seconds of the last 20, failures."""
+        return service.stats_summary()
+
+    with gr.Blocks(title="Knee MRI analysis",
+                   delete_cache=(3600, settings.result_ttl_s)) as demo:
+        gr.Markdown(INTRO)
+        gr.Markdown(DISCLAIMER)
+        if system.device_info()["device"] != "cuda" and not settings.zero_gpu:
+            gr.Markdown(CPU_WARNING)
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.File(label="MRI image (.nii, .nii.gz, .nrrd, .mha, .dcm, or .zip of "
+                                "one DICOM series)", file_types=UPLOAD_TYPES, type="filepath")
+                seg = gr.File(label="Segmentation (optional; label map 0–9 on the image grid)",
+                              file_types=UPLOAD_TYPES, type="filepath")
+                model = gr.Dropdown(
+                    choices=choices, value=choices[0][1], label="Segmentation model",
+                    info="Models usable on this server; an uploaded segmentation is always used.",
+                )
+                shape = gr.Radio(choices=NSM_LABELS, value="none", label="Shape model (NSM)")
+                with gr.Accordion("Advanced", open=False):
+                    smooth = gr.Slider(
+                        minimum=0.0625, maximum=5.0, step=0.0625, value=defaults.cart_smooth_var,
+                        label="Cartilage smoothing (Gaussian variance, mm²)",
+                    )
+                email = gr.Textbox(
+                    label="E-mail (optional)", type="email", placeholder="you@example.org",
+                    info="Only a salted hash is stored, to count unique users. Never shown or "
+                    "shared.",
+                )
+                consent = gr.Checkbox(
+                    value=True, label="Retain anonymised derived results for research",
+                    info="Segmentations, meshes and metrics only; never images or T2 maps.",
+                )
+                run_btn = gr.Button("Analyse", variant="primary")
+            with gr.Column(scale=2):
+                status = gr.Textbox(label="Status", interactive=False)
+                results_zip = gr.File(label="Results (zip)", interactive=False)
+                run_seconds = gr.Number(label="Run time (s)", interactive=False)
+                warnings = gr.Markdown(label="Warnings")
+                thickness = gr.Dataframe(label="Cartilage thickness (mm) and volume (mm³)",
+                                         interactive=False, buttons=["copy", "fullscreen"])
+                with gr.Group(visible=False) as t2_box:
+                    t2 = gr.Dataframe(label="T2 (ms): all / deep / superficial",
+                                      interactive=False, buttons=["copy", "fullscreen"])
+                with gr.Group(visible=False) as shape_box:
+                    shape_table = gr.Dataframe(label="Shape model", interactive=False)
+                with gr.Accordion("Provenance", open=False):
+                    provenance = gr.JSON(label="Provenance")
+        outputs = [status, results_zip, thickness, t2, shape_table, warnings, run_seconds,
+                   provenance]
+
+        examples = gr.Examples(
+            examples=[[str(EXAMPLE_IMAGE), str(EXAMPLE_SEG)]], inputs=[image, seg],
+            outputs=outputs, fn=analyze_example, cache_examples=True, cache_mode="lazy",
+            example_labels=["Synthetic knee phantom (image + segmentation)"],
+        )
+        # The lazy example run is a pipeline run too: same one-slot group as /analyze.
+        if getattr(examples, "cache_event", None) is not None:
+            examples.cache_event.fn.concurrency_id = GPU_GROUP
+            examples.cache_event.fn.concurrency_limit = 1
+        footer = gr.Markdown()
+
+        job = run_btn.click(
+            analyze, [image, seg, model, shape, smooth, email, consent], outputs,
+            api_name="analyze", concurrency_limit=1, concurrency_id=GPU_GROUP,
+        )
+        job.success(
+            lambda t2_df, shape_df: (gr.update(visible=has_rows(t2_df)),
+                                     gr.update(visible=has_rows(shape_df))),
+            [t2, shape_table], [t2_box, shape_box], queue=False, api_visibility="private",
+        )
+        job.then(service.footer, None, footer, queue=False, api_visibility="private")
+        demo.load(service.footer, None, footer, queue=False, api_visibility="private")
+        gr.api(stats, api_name="stats", queue=False)
+        gr.api(health, api_name="health", queue=False)
+
+    demo.queue(default_concurrency_limit=1, max_size=settings.queue_max)
+    service.attach(demo)
+    demo.knee_service = service  # for tests and operators' shells
+    demo.knee_settings = settings
+    return demo
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    demo = build_demo()
+    settings: Settings = demo.knee_settings
+    demo.launch(
+        server_name=settings.host, server_port=settings.port,
+        max_file_size=int(settings.max_upload_mb * 1024**2),
+        allowed_paths=[str(EXAMPLES)],
+    )
+
+
+if __name__ == "__main__":
+    main()

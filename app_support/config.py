@@ -1,0 +1,107 @@
+"""Settings of the app, all read from environment variables (see the README)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_DIR = Path("/data")  # Hugging Face Spaces' persistent storage, when attached
+LOCAL_STATE_DIR = Path(".knee_app")  # fallback, relative to the working directory
+
+
+def _env_str(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    raw = _env_str(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = _env_str(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _env_bool(name: str, default: bool = False) -> bool:
+    raw = _env_str(name)
+    return default if raw is None else raw.lower() in ("1", "true", "yes", "on")
+
+
+def _data_dir_usable() -> bool:
+    return DATA_DIR.is_dir() and os.access(DATA_DIR, os.W_OK | os.X_OK)
+
+
+def default_stats_db() -> Path:
+    """``/data/knee_stats.sqlite`` on persistent storage, else ``./.knee_app/stats.sqlite``."""
+    if _data_dir_usable():
+        return DATA_DIR / "knee_stats.sqlite"
+    return LOCAL_STATE_DIR / "stats.sqlite"
+
+
+def default_retain_dir() -> Path:
+    """``/data/knee_retained`` on persistent storage, else ``./.knee_app/retained``."""
+    if _data_dir_usable():
+        return DATA_DIR / "knee_retained"
+    return LOCAL_STATE_DIR / "retained"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable about one app instance."""
+
+    host: str | None  # None: Gradio's default (GRADIO_SERVER_NAME, else 127.0.0.1)
+    port: int | None  # None: Gradio's default (GRADIO_SERVER_PORT, else first free from 7860)
+    max_upload_mb: float
+    queue_max: int
+    stats_db: Path
+    stats_salt: str | None
+    retain_dir: Path
+    work_dir: Path  # parent of the per-job output folders
+    gradio_temp_dir: Path  # Gradio's upload/result cache
+    result_ttl_s: int
+    zero_gpu: bool
+    gpu_duration_s: int
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            host=_env_str("KNEE_APP_HOST"),
+            port=_env_int("KNEE_APP_PORT", None),
+            max_upload_mb=_env_float("KNEE_MAX_UPLOAD_MB", 600.0),
+            queue_max=_env_int("KNEE_QUEUE_MAX", 8) or 8,
+            stats_db=Path(_env_str("KNEE_STATS_DB") or default_stats_db()),
+            stats_salt=_env_str("KNEE_STATS_SALT"),
+            retain_dir=Path(_env_str("KNEE_RETAIN_DIR") or default_retain_dir()),
+            work_dir=Path(_env_str("KNEE_WORK_DIR") or tempfile.gettempdir()),
+            gradio_temp_dir=Path(
+                _env_str("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio"
+            ).resolve(),
+            result_ttl_s=_env_int("KNEE_RESULT_TTL_S", 86400) or 86400,
+            zero_gpu=_env_bool("SPACES_ZERO_GPU"),
+            gpu_duration_s=_env_int("KNEE_GPU_DURATION_S", 300) or 300,
+        )
+
+    def pin_gradio_temp_dir(self) -> None:
+        """Fix Gradio's cache folder for the life of the process.
+
+        Gradio recomputes its upload folder from ``tempfile.gettempdir()`` on every request
+        unless GRADIO_TEMP_DIR is set, and the pipeline points ``tempfile.tempdir`` at a
+        per-job folder while it runs: without this, uploads checked during a job would be
+        looked for inside (and deleted with) that folder.
+        """
+        os.environ["GRADIO_TEMP_DIR"] = str(self.gradio_temp_dir)
+        self.gradio_temp_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,464 @@
+"""Automatic segmentation with nnU-Net v2, in-process.
+
+``segment(loaded, model)`` runs a registered or local nnU-Net model (``pipeline.models``) on
+the loaded image and returns the label map on the input's grid, in the pipeline's label
+scheme, plus a provenance record. It calls ``nnUNetPredictor.predict_single_npy_array`` for
+each stage: no subprocesses, no multiprocessing pools, no ``nnUNet_*`` paths needed. A
+cascade's first-stage prediction is the second stage's extra input, as
+``nnUNetv2_predict -prev_stage_predictions`` does.
+
+The predictors stay loaded between jobs of the same model (one model in memory at a time);
+``unload()`` frees them. Checkpoints are pickles: only load model folders you trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import labels as L
+from . import models
+from .errors import ErrorCode, PipelineError
+from .inputs import LoadedImage
+
+ProgressFn = Callable[..., None]  # progress(done, total, detail="")
+ENV_THREADS = "KNEE_TORCH_THREADS"
+
+
+def _available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _torch_threads() -> int:
+    """Threads for inference: ``KNEE_TORCH_THREADS``, else all cores but one.
+
+    One core is left to the app and other work: OpenMP threads that must wait for a busy core
+    are catastrophic (measured on a 2-core host with one core busy: 1 thread ran the tiny test
+    model 30x faster than 2).
+    """
+    raw = os.environ.get(ENV_THREADS, "").strip()
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    cores = _available_cores()
+    return max(1, cores - 1)
+
+
+# nnU-Net reads nnUNet_def_n_proc once, at import, and uses it as the torch thread count while
+# resampling the prediction (default 8, which oversubscribes small hosts badly). It must be set
+# before nnunetv2 is first imported, hence here at module level.
+os.environ.setdefault("nnUNet_def_n_proc", str(min(_torch_threads(), 8)))
+
+_LOCK = threading.RLock()
+_STATE: _Loaded | None = None
+_PREDICTOR_CLASS = None
+
+
+@dataclass
+class _Loaded:
+    key: tuple
+    device: object  # torch.device
+    predictors: list
+    seconds: float
+
+
+# ---------------------------------------------------------------- public API
+
+
+def segment(
+    loaded: LoadedImage,
+    model: str | None,
+    *,
+    device: str = "auto",
+    use_mirroring: bool = False,
+    progress: ProgressFn | None = None,
+) -> tuple[sitk.Image, dict]:
+    """Segment ``loaded.image`` with ``model`` (registry name, local folder, or None = default).
+
+    Returns the label map (uint8, pipeline labels 0-9, same size/spacing/origin/direction as
+    ``loaded.image``) and a JSON-serialisable model record for the provenance, including
+    ``warnings`` meant for the user. ``progress(done, total, detail)`` is called per
+    sliding-window patch: ``done / total`` is the fraction of the whole segmentation (the stages
+    of a cascade share it equally) and ``detail`` names the stage and its patch count.
+
+    ``device`` is ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    ``use_mirroring`` turns on nnU-Net's test-time mirroring (8× the network passes).
+    Raises ``PipelineError`` (MODEL_UNAVAILABLE, INVALID_LABELS, INVALID_PARAMETERS, GPU_OOM,
+    SEGMENTATION_FAILED).
+    """
+    resolved = models.resolve(model)  # outside the lock: may download for minutes
+    dev, notes = _pick_device(device, resolved)
+    with _LOCK:
+        try:
+            seg, info = _run(loaded, resolved, dev, use_mirroring, progress)
+        except Exception as exc:
+            if not _is_cuda_oom(exc):
+                _free_device_cache(dev)
+                raise
+            unload()  # drop the weights too: the retry or the next job starts clean
+            if device.strip().lower() != "auto":
+                raise PipelineError(
+                    ErrorCode.GPU_OOM,
+                    f"the GPU ran out of memory while segmenting ({_gpu_memory(dev)}). Free GPU "
+                    "memory (close other GPU jobs), or run on the CPU with --device cpu "
+                    "(slower).",
+                ) from None
+            import torch
+
+            notes.append(
+                f"the GPU ran out of memory ({_gpu_memory(dev)}); segmentation was redone on the "
+                "CPU, which is much slower."
+            )
+            seg, info = _run(loaded, resolved, torch.device("cpu"), use_mirroring, progress)
+    info["warnings"] = notes + info["warnings"]
+    return seg, info
+
+
+def load(model: str | None = None, *, device: str = "auto") -> dict:
+    """Resolve (download if needed) and load a model now, e.g. at app start; returns its info."""
+    resolved = models.resolve(model)
+    dev, _ = _pick_device(device, resolved)
+    with _LOCK:
+        state = _predictors(resolved, dev)
+    return {**resolved.info(), "device": str(dev), "load_seconds": round(state.seconds, 3)}
+
+
+def unload() -> None:
+    """Free the loaded model (CPU and GPU memory)."""
+    global _STATE
+    with _LOCK:
+        state, _STATE = _STATE, None
+        if state is None:
+            return
+        for p in state.predictors:
+            p.network = None
+            p.list_of_parameters = None
+        state.predictors.clear()
+        del state
+        gc.collect()
+        _free_device_cache(None)
+
+
+def loaded_model_key() -> tuple | None:
+    """Identity of the model currently in memory (None when none is)."""
+    return None if _STATE is None else _STATE.key
+
+
+# ---------------------------------------------------------------- running
+
+
+def _run(
+    loaded: LoadedImage,
+    resolved: models.ResolvedModel,
+    dev,
+    use_mirroring: bool,
+    progress: ProgressFn | None,
+) -> tuple[sitk.Image, dict]:
+    import torch
+
+    threads = _torch_threads()
+    previous_threads = torch.get_num_threads()
+    # Set explicitly per job: pymskt sets OMP_NUM_THREADS=1 at import, which would otherwise
+    # leave torch on one thread.
+    torch.set_num_threads(threads)
+    try:
+        reused = _STATE is not None and _STATE.key == (*resolved.key, str(dev))
+        state = _predictors(resolved, dev)
+        image, spacing, grid = _nnunet_input(loaded.image, resolved.reader)
+        seconds: dict[str, float] = {"load": 0.0 if reused else round(state.seconds, 3)}
+        n = len(state.predictors)
+        previous = None
+        for i, (stage, predictor) in enumerate(zip(resolved.stages, state.predictors, strict=True)):
+            label = f"{stage.configuration} (stage {i + 1}/{n})"
+            _report(progress, i, n, f"{label}: preprocessing")
+            predictor.use_mirroring = bool(use_mirroring)
+            predictor.on_patch = _patch_reporter(progress, i, n, label)
+            start = time.perf_counter()
+            try:
+                # A fresh properties dict per call: preprocessing adds keys to it.
+                raw = predictor.predict_single_npy_array(image, {"spacing": spacing}, previous)
+            finally:
+                predictor.on_patch = None
+            seconds[stage.configuration] = round(time.perf_counter() - start, 3)
+            # The next stage takes it as (1, ...) signed ints (uint8 overflows in its cropping).
+            raw = np.asarray(raw)
+            previous = raw[None].astype(np.int16)
+        _report(progress, n, n, "segmentation done")
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    seg = _to_pipeline_image(raw, resolved, loaded.image, grid)
+    info = {
+        **resolved.info(),
+        "device": str(dev),
+        "use_mirroring": bool(use_mirroring),
+        "torch_threads": threads,
+        "model_reused": reused,
+        "seconds": seconds,
+        "libraries": _versions(),
+        "warnings": _result_notes(seg, resolved),
+    }
+    return seg, info
+
+
+def _predictors(resolved: models.ResolvedModel, dev) -> _Loaded:
+    """The loaded predictors for this model and device, loading (and unloading) as needed."""
+    global _STATE
+    key = (*resolved.key, str(dev))
+    if _STATE is not None and _STATE.key == key:
+        return _STATE
+    unload()  # one model in memory at a time
+    cls = _predictor_class()
+    start = time.perf_counter()
+    predictors = []
+    for i, stage in enumerate(resolved.stages):
+        with contextlib.redirect_stdout(io.StringIO()):
+            # The constructor prints a harmless note on non-CUDA devices.
+            predictor = cls(
+                tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                perform_everything_on_device=dev.type == "cuda", device=dev,
+                verbose=False, verbose_preprocessing=False, allow_tqdm=False,
+            )
+        try:
+            predictor.initialize_from_trained_model_folder(
+                str(stage.folder), use_folds=(resolved.spec.fold,),
+                checkpoint_name=resolved.spec.checkpoint,
+            )
+        except Exception as exc:
+            raise PipelineError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                f"model {resolved.spec.id!r}: {stage.folder.name} could not be loaded "
+                f"({type(exc).__name__}: {exc}).",
+            ) from exc
+        is_cascade = predictor.configuration_manager.previous_stage_name is not None
+        if is_cascade != (i > 0):
+            raise PipelineError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                f"model {resolved.spec.id!r}: the checkpoint in {stage.folder.name} is "
+                f"{'a cascade stage' if is_cascade else 'not a cascade stage'}, which does not "
+                f"fit the stages {[s.configuration for s in resolved.stages]}.",
+            )
+        predictors.append(predictor)
+    _STATE = _Loaded(key, dev, predictors, time.perf_counter() - start)
+    return _STATE
+
+
+def _predictor_class():
+    """nnUNetPredictor that reports sliding-window patches (nnU-Net only feeds tqdm)."""
+    global _PREDICTOR_CLASS
+    if _PREDICTOR_CLASS is not None:
+        return _PREDICTOR_CLASS
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    class ProgressPredictor(nnUNetPredictor):
+        on_patch: Callable[[int, int], None] | None = None
+        _done = 0
+        _total = 0
+
+        # Private nnU-Net methods (pinned nnunetv2 2.8.x; covered by tests/test_segment.py).
+        def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device=True):
+            # Restarts the count when nnU-Net retries with results on the CPU.
+            self._done, self._total = 0, len(slicers)
+            self._notify()
+            return super()._internal_predict_sliding_window_return_logits(
+                data, slicers, do_on_device
+            )
+
+        def _internal_maybe_mirror_and_predict(self, x):
+            out = super()._internal_maybe_mirror_and_predict(x)
+            self._done += 1
+            self._notify()
+            return out
+
+        def _notify(self) -> None:
+            if self.on_patch is not None:
+                self.on_patch(min(self._done, self._total), self._total)
+
+    _PREDICTOR_CLASS = ProgressPredictor
+    return ProgressPredictor
+
+
+def _patch_reporter(progress: ProgressFn | None, index: int, n: int, label: str):
+    if progress is None:
+        return None
+
+    def report(done: int, total: int) -> None:
+        total = max(total, 1)
+        progress(index * total + done, n * total, f"{label}: patch {done}/{total}")
+
+    return report
+
+
+def _report(progress: ProgressFn | None, done: int, total: int, detail: str) -> None:
+    if progress is not None:
+        progress(done, total, detail)
+
+
+# ---------------------------------------------------------------- images
+
+
+def _nnunet_input(image: sitk.Image, reader: str):
+    """Array (1, ...), spacing and grid in the axis order the model's image reader produced."""
+    if reader == "SimpleITKIOWithReorient":
+        image = sitk.DICOMOrient(image, "RAS")  # as that nnU-Net reader does
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    spacing = list(image.GetSpacing())[::-1]
+    if reader == "NibabelIO":
+        arr = arr.transpose(2, 1, 0)  # nibabel arrays are (i, j, k)
+        spacing = spacing[::-1]
+    return arr[None], spacing, image
+
+
+def _to_pipeline_image(
+    raw: np.ndarray, resolved: models.ResolvedModel, reference: sitk.Image, grid: sitk.Image
+) -> sitk.Image:
+    """Model values → pipeline labels, as an image on ``reference``'s grid."""
+    raw = np.asarray(raw)
+    if resolved.reader == "NibabelIO":
+        raw = raw.transpose(2, 1, 0)
+    values = np.unique(raw)
+    unexpected = sorted(set(values.tolist()) - set(resolved.label_map))
+    if unexpected:
+        raise PipelineError(
+            ErrorCode.SEGMENTATION_FAILED,
+            f"model {resolved.spec.id!r} produced values {unexpected[:10]} that its "
+            "dataset.json does not name.",
+        )
+    lut = np.zeros(int(values.max()) + 1, dtype=np.uint8)
+    for value, label in resolved.label_map.items():
+        if value < lut.size:
+            lut[value] = label
+    arr = lut[raw]
+    if arr.shape != tuple(grid.GetSize())[::-1]:
+        raise PipelineError(
+            ErrorCode.SEGMENTATION_FAILED,
+            f"the prediction has shape {list(arr.shape)}, not the input's "
+            f"{list(grid.GetSize())[::-1]}.",
+        )
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(grid)
+    if resolved.reader == "SimpleITKIOWithReorient":
+        from .inputs import orientation_code
+
+        out = sitk.DICOMOrient(out, orientation_code(reference))
+    out.CopyInformation(reference)  # exact geometry, no rounding from the permutation
+    return out
+
+
+def _result_notes(seg: sitk.Image, resolved: models.ResolvedModel) -> list[str]:
+    """Refuse results without femur or tibia; note other missing structures."""
+    present = set(np.unique(sitk.GetArrayViewFromImage(seg)).tolist())
+    missing_bones = [L.LABEL_NAMES[b] for b in (L.FEMUR, L.TIBIA) if b not in present]
+    if missing_bones:
+        raise PipelineError(
+            ErrorCode.SEGMENTATION_FAILED,
+            f"the model {resolved.spec.id!r} found no {' and no '.join(missing_bones)} in this "
+            "image. Check that it is a 3-D knee MRI of the kind the model was trained on "
+            "(sagittal DESS for the published model), or upload a segmentation instead.",
+        )
+    notes = []
+    if resolved.spec.demo:
+        notes.append(
+            f"segmented with {resolved.spec.name}: a toy model trained on synthetic phantoms; "
+            "its output on real MRI is meaningless."
+        )
+    absent = [L.LABEL_NAMES[v] for v in L.SEG_LABELS
+              if v not in present and L.LABEL_NAMES[v] not in resolved.missing_labels]
+    if absent:
+        notes.append(f"the segmentation contains no {', '.join(absent)}.")
+    if resolved.missing_labels:
+        notes.append(
+            f"model {resolved.spec.id!r} does not segment {', '.join(resolved.missing_labels)}."
+        )
+    return notes
+
+
+# ---------------------------------------------------------------- devices and threads
+
+
+def _pick_device(device: str, resolved: models.ResolvedModel):
+    """torch.device for ``device`` and user notes (CPU run-time warning)."""
+    import torch
+
+    want = (device or "auto").strip().lower()
+    if want == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), []
+        notes = [] if resolved.spec.demo else [
+            "no CUDA GPU found: segmentation ran on the CPU, which takes many minutes for a "
+            "full-size knee MRI (about a minute on a GPU)."
+        ]
+        return torch.device("cpu"), notes
+    if want == "cpu":
+        return torch.device("cpu"), []
+    if want == "cuda" or want.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise PipelineError(
+                ErrorCode.INVALID_PARAMETERS,
+                f"device {device!r} requested but no CUDA GPU is available; use auto or cpu.",
+            )
+        try:
+            dev = torch.device(want)
+        except RuntimeError:
+            raise PipelineError(
+                ErrorCode.INVALID_PARAMETERS, f"invalid device {device!r}."
+            ) from None
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PipelineError(
+                ErrorCode.INVALID_PARAMETERS,
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present.",
+            )
+        return dev, []
+    raise PipelineError(
+        ErrorCode.INVALID_PARAMETERS, f"device must be auto, cpu, cuda or cuda:N (got {device!r})."
+    )
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and "out of memory" in text and "cuda" in text
+
+
+def _free_device_cache(dev) -> None:
+    import torch
+
+    if (dev is None or getattr(dev, "type", "") == "cuda") and torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _gpu_memory(dev) -> str:
+    import torch
+
+    try:
+        total = torch.cuda.get_device_properties(dev).total_memory / 1024**3
+        return f"{total:.1f} GiB on {torch.cuda.get_device_name(dev)}"
+    except Exception:  # only decorates a message
+        return "GPU memory exhausted"
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("nnunetv2", "torch", "dynamic_network_architectures"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
