@@ -458,6 +458,10 @@ def reorient(image: sitk.Image, code: str) -> sitk.Image:
     return sitk.DICOMOrient(image, code.upper())
 
 
+# Written into phantom DICOM headers so tests can prove no identifier reaches any output.
+PHANTOM_PATIENT = {"patient_name": "Phantom^Knee", "patient_id": "PHANTOM-0001"}
+
+
 def write_phantom(
     phantom: Phantom,
     out_dir: str | Path,
@@ -482,11 +486,12 @@ def write_phantom(
                 tr_ms=20.36, te_ms=6.428, flip_angle_deg=20.0, gl_area=3132.0, tg_us=2392.0
             )
             dicom_writer.write_qdess_series(
-                phantom.echo1, phantom.echo2, series_dir, params, include_private_tags=qdess_tags
+                phantom.echo1, phantom.echo2, series_dir, params, include_private_tags=qdess_tags,
+                **PHANTOM_PATIENT,
             )
         else:
             dicom_writer.write_dicom_series(
-                phantom.image, series_dir, series_description="Knee phantom"
+                phantom.image, series_dir, series_description="Knee phantom", **PHANTOM_PATIENT
             )
         paths["image"] = series_dir
     elif fmt in ("nii.gz", "nii", "nrrd", "mha"):

@@ -38,7 +38,8 @@ class Options:
     cart_smooth_var: float = 0.3125
     compute_t2: bool = True
     nsm: str = "none"
-    nsm_dir: str | None = None
+    nsm_dir: str | None = None  # local NSM model folder (else the Hub)
+    nsm_bscore_dir: str | None = None  # folder holding the BScore parameter folders
     max_mb: float = 600.0
     device: str = "auto"
 
@@ -61,6 +62,7 @@ class Options:
         parser.add_argument("--nsm", default="none", choices=NSM_CHOICES,
                             help="shape model: none, bone_cart, bone or both")
         parser.add_argument("--nsm-dir", help="local shape-model folder (instead of the Hub)")
+        parser.add_argument("--nsm-bscore-dir", help="folder holding the BScore parameter folders")
         parser.add_argument("--max-mb", type=float, default=600.0, help="upload size limit (MB)")
         parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
@@ -68,7 +70,8 @@ class Options:
     def from_cli(cls, args: argparse.Namespace) -> Options:
         return cls(
             model=args.model, cart_smooth_var=args.cart_smooth, compute_t2=not args.no_t2,
-            nsm=args.nsm, nsm_dir=args.nsm_dir, max_mb=args.max_mb, device=args.device,
+            nsm=args.nsm, nsm_dir=args.nsm_dir, nsm_bscore_dir=args.nsm_bscore_dir,
+            max_mb=args.max_mb, device=args.device,
         )
 
 
@@ -207,12 +210,15 @@ def run(
         metrics.update(thickness.region_volumes(sub_c))
 
         with track.stage("T2 mapping"):
-            warnings += _t2_stage(loaded, sub_c, options, outputs, metrics)
+            warnings += _t2_stage(loaded, seg_c, sub_c, bone_results, options, outputs, metrics)
 
         with track.stage("Shape model"):
             if options.nsm != "none":
-                warnings.append(
-                    "shape model (NSM/BScore) is not available in this version: skipped."
+                from . import shape_stage
+
+                warnings += shape_stage.run_shape_stage(
+                    options, seg_c, sub_c, bone_results, outputs, metrics,
+                    progress=lambda i, n: track.sub("Shape model", i, n, f"fit iteration {i}/{n}"),
                 )
 
         with track.stage("Writing results"):
@@ -271,10 +277,11 @@ def _subregions(seg_c: sitk.Image) -> tuple[sitk.Image, list[str]]:
     return regions.femoral_subregions(seg_c), []
 
 
-def _t2_stage(loaded, sub_c, options: Options, outputs: Outputs, metrics: dict) -> list[str]:
-    """qDESS T2 (when the input is a two-echo series with the GE spoiler tags)."""
+def _t2_stage(loaded, seg_c, sub_c, bone_results, options, outputs, metrics) -> list[str]:
+    """qDESS T2 (when the input is a two-echo series with the GE spoiler tags): map, regional
+    and deep/superficial statistics. Never a silent skip: the reason becomes a warning."""
     if not options.compute_t2:
-        return []
+        return ["T2 mapping switched off (--no-t2)."] if loaded.echo1 is not None else []
     from . import t2
 
     if loaded.echo1 is None:
@@ -282,25 +289,50 @@ def _t2_stage(loaded, sub_c, options: Options, outputs: Outputs, metrics: dict) 
     reason = t2.t2_skip_reason(loaded.qdess_params, is_qdess=True)
     if reason:
         return [reason]
-    notes: list[str] = []
-    low = t2.low_spoiling_warning(loaded.qdess_params)
-    if low:
-        notes.append(low)
+    notes = [w for w in [t2.low_spoiling_warning(loaded.qdess_params)] if w]
     e1 = sitk.GetArrayFromImage(loaded.echo1)
     e2 = sitk.GetArrayFromImage(loaded.echo2)
-    t2_arr = t2.compute_t2_map(e1, e2, loaded.qdess_params).astype(np.float32)
-    t2_img = sitk.GetImageFromArray(t2_arr)
+    t2_img = sitk.GetImageFromArray(t2.compute_t2_map(e1, e2, loaded.qdess_params).astype(np.float32))
     t2_img.CopyInformation(loaded.image)
     outputs.write_image(t2_img, "t2map")
-    t2_c = sitk.GetArrayFromImage(inputs.to_canonical(t2_img)).astype(np.float64)
-    clipped = t2.clip_for_stats(t2_c)
+    clipped = t2.clip_for_stats(sitk.GetArrayFromImage(inputs.to_canonical(t2_img)).astype(float))
     sub_arr = sitk.GetArrayFromImage(sub_c)
-    # Femoral total (label 2) over all five subregions, plus each region.
-    region_map = np.where(np.isin(sub_arr, L.SUBREGION_LABELS), L.FEMORAL_CART, sub_arr)
-    fem_stats = t2.region_t2_stats(clipped, region_map, {L.FEMORAL_CART: "fem_cart"})
-    metrics.update(fem_stats)
+    metrics.update(t2.region_t2_stats(clipped, _femoral_total(sub_arr), {L.FEMORAL_CART: "fem_cart"}))
     metrics.update(t2.region_t2_stats(clipped, sub_arr, L.REGION_KEYS))
+
+    depth_c = _depth_map(seg_c, sub_c, bone_results)
+    outputs.write_image(inputs.from_canonical(depth_c, loaded.image), "depth_seg", exts=(".nrrd",))
+    depth_arr = sitk.GetArrayFromImage(depth_c).astype(np.int32)
+    fem_depth = depth_arr.copy()
+    for layer in (100, 200):
+        fem_depth[np.isin(depth_arr, [layer + lab for lab in L.SUBREGION_LABELS])] = (
+            layer + L.FEMORAL_CART
+        )
+    metrics.update(t2.depth_t2_stats(clipped, fem_depth, {L.FEMORAL_CART: "fem_cart"}))
+    metrics.update(t2.depth_t2_stats(clipped, depth_arr, L.REGION_KEYS))
     return notes
+
+
+def _femoral_total(sub_arr: np.ndarray) -> np.ndarray:
+    """Subregion map with the five femoral subregions merged back into label 2."""
+    return np.where(np.isin(sub_arr, L.SUBREGION_LABELS), L.FEMORAL_CART, sub_arr)
+
+
+def _depth_map(seg_c, sub_c, bone_results) -> sitk.Image:
+    """Region + 100 (deep) / + 200 (superficial) for every cartilage voxel (pymskt)."""
+    from pymskt.image.cartilage_processing import combine_depth_region_segs
+
+    depth_segs = [thickness.depth_split(res, seg_c) for res in bone_results if res.thickness_meshes]
+    sub_only_cart = sitk.GetArrayFromImage(sub_c).astype(np.uint16)
+    sub_only_cart[~np.isin(sub_only_cart, list(L.REGION_KEYS))] = 0
+    base = sitk.GetImageFromArray(sub_only_cart)
+    base.CopyInformation(sub_c)
+    combined = combine_depth_region_segs(base, depth_segs)
+    arr = sitk.GetArrayFromImage(combined)
+    arr[arr < 100] = 0  # cartilage voxels the depth split did not reach stay unlabelled
+    out = sitk.GetImageFromArray(arr.astype(np.uint16))
+    out.CopyInformation(sub_c)
+    return out
 
 
 def _write_meshes(outputs: Outputs, results: list) -> dict[str, int]:

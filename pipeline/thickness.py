@@ -57,7 +57,10 @@ class BoneResult:
 
     spec: BoneSpec
     bone_mesh: object  # pymskt BoneMesh (a pyvista PolyData)
-    cartilage_meshes: list[tuple[int, object]] = field(default_factory=list)  # (label, mesh)
+    cartilage_meshes: list[tuple[int, object]] = field(default_factory=list)  # (region, mesh)
+    # Meshes of the original cartilage labels (thickness, depth split, shape model inputs).
+    thickness_meshes: list[tuple[int, object]] = field(default_factory=list)
+    cartilage_labels: tuple[int, ...] = ()
 
     @property
     def thickness(self) -> np.ndarray:
@@ -130,6 +133,7 @@ def mesh_bone(
             return BoneResult(spec, bone), notes
         bone.create_cartilage_meshes(image_smooth_var_cart=cart_smooth_var, fix_method=None)
         bone.calc_cartilage_thickness(image_smooth_var_cart=cart_smooth_var)
+        thickness_meshes = list(zip(carts, bone.list_cartilage_meshes, strict=True))
 
         sub_arr = sitk.GetArrayViewFromImage(subregions)
         regions = _present(sub_arr, spec.region_labels)
@@ -138,7 +142,25 @@ def mesh_bone(
         bone.create_cartilage_meshes(image_smooth_var_cart=cart_smooth_var, fix_method=None)
         bone.assign_cartilage_regions(image_smooth_var_cart=cart_smooth_var)
         cart_meshes = list(zip(regions, bone.list_cartilage_meshes, strict=True))
-    return BoneResult(spec, bone, cart_meshes), notes
+    return BoneResult(spec, bone, cart_meshes, thickness_meshes, tuple(carts)), notes
+
+
+def depth_split(result: BoneResult, seg: sitk.Image) -> sitk.Image:
+    """Deep (100) / superficial (200) cartilage voxels of one bone (relative depth 0.5).
+
+    pymskt's ``break_cartilage_into_superficial_deep`` on the original cartilage labels and
+    meshes, as the reference pipeline runs it in its T2 branch.
+    """
+    bone = result.bone_mesh
+    with quiet_native_output():
+        bone.seg_image = seg
+        bone.list_cartilage_labels = list(result.cartilage_labels)
+        bone.list_cartilage_meshes = [mesh.copy() for _, mesh in result.thickness_meshes]
+        bone.list_articular_surfaces = None
+        depth = bone.break_cartilage_into_superficial_deep(
+            rel_depth_thresh=0.5, resample_cartilage_surface=10_000
+        )
+    return depth[0] if isinstance(depth, tuple) else depth
 
 
 def region_thickness(results: list[BoneResult]) -> dict[str, float]:
