@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 import traceback
-from pathlib import Path
 
 from .errors import PipelineError
 
@@ -30,7 +29,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         summary["segmentation"] = {
             "labels": {
                 str(int(v)): {"name": LABEL_NAMES.get(int(v), "background"), "voxels": int(c)}
-                for v, c in zip(values, counts)
+                for v, c in zip(values, counts, strict=True)
             }
         }
     print(json.dumps(summary, indent=2))
@@ -45,7 +44,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     def progress(step) -> None:
         print(f"[{step.index}/{step.total}] {step.name} {step.fraction:5.0%}", file=sys.stderr)
 
-    result = run(args.input, args.out, options, seg_path=args.seg, progress=progress)
+    result = run(
+        args.input, args.out, options, seg_path=args.seg, echo2_path=args.echo2,
+        qdess_params_path=args.qdess_params, progress=progress,
+    )
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(result.zip_path)
@@ -70,7 +72,9 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     ph = P.generate(spec, qdess=args.qdess)
-    paths = P.write_phantom(ph, args.out, fmt=args.format, stem=args.stem, qdess_tags=not args.no_tags)
+    paths = P.write_phantom(
+        ph, args.out, fmt=args.format, stem=args.stem, qdess_tags=not args.no_tags
+    )
     for key, path in paths.items():
         print(f"{key}: {path}")
     return 0
@@ -90,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seg", help="segmentation to use instead of a model")
+    p.add_argument("--echo2", help="qDESS echo 2 volume when INPUT is echo 1 (split echoes)")
+    p.add_argument("--qdess-params", help="JSON of tr_ms, te_ms, flip_angle_deg, gl_area, tg_us")
     from .run import Options
 
     Options.add_cli_arguments(p)

@@ -117,6 +117,34 @@ def load_image(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -
     return loaded
 
 
+def attach_echoes(
+    loaded: LoadedImage, echo2_path: str | os.PathLike, params_json: str | os.PathLike,
+    *, max_bytes: int = DEFAULT_MAX_BYTES,
+) -> LoadedImage:
+    """Two-echo qDESS from already split echoes: ``loaded`` is echo 1, plus echo 2 and a JSON
+    of acquisition parameters (TR, TE, flip angle, GL_AREA, TG). The RSS becomes the image."""
+    from .t2 import QDessParams
+
+    if loaded.echo1 is not None:
+        raise PipelineError(
+            ErrorCode.INVALID_PARAMETERS,
+            "the input already holds both echoes; a separate echo 2 is not needed.",
+        )
+    params = QDessParams.from_json(params_json).validate()
+    echo2 = load_image(echo2_path, max_bytes=max_bytes).image
+    if orientation_code(echo2) != orientation_code(loaded.image):
+        echo2 = sitk.DICOMOrient(echo2, orientation_code(loaded.image))
+    _check_same_grid(echo2, loaded.image, Path(echo2_path).name, code=ErrorCode.INVALID_DIMENSIONS)
+    echo2.CopyInformation(loaded.image)
+    echo1 = loaded.image
+    loaded.echo1, loaded.echo2 = echo1, echo2
+    loaded.image = sitk.Sqrt(echo1 * echo1 + echo2 * echo2)
+    loaded.qdess_params = params
+    loaded.qdess_tags_present = params.tags_present
+    loaded.fmt = f"{loaded.fmt}+echo2"
+    return loaded
+
+
 def load_segmentation(
     path: str | os.PathLike, reference: sitk.Image, *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> sitk.Image:
@@ -246,14 +274,16 @@ def _safe_extract(zip_path: Path, dest: Path) -> None:
         if len(zf.infolist()) > MAX_ARCHIVE_MEMBERS:
             raise PipelineError(
                 ErrorCode.UNSAFE_ARCHIVE,
-                f"{zip_path.name} holds {len(zf.infolist())} entries (limit {MAX_ARCHIVE_MEMBERS}).",
+                f"{zip_path.name} holds {len(zf.infolist())} entries "
+                f"(limit {MAX_ARCHIVE_MEMBERS}).",
             )
         total = sum(m.file_size for m in members)
         packed = max(1, sum(m.compress_size for m in members))
         if total > MAX_ARCHIVE_BYTES or total / packed > MAX_ARCHIVE_RATIO:
             raise PipelineError(
                 ErrorCode.UNSAFE_ARCHIVE,
-                f"{zip_path.name} expands to {total / 1024**2:.0f} MB (ratio {total / packed:.0f}); "
+                f"{zip_path.name} expands to {total / 1024**2:.0f} MB "
+                f"(ratio {total / packed:.0f}); "
                 f"limits are {MAX_ARCHIVE_BYTES / 1024**3:.0f} GB and {MAX_ARCHIVE_RATIO:.0f}×.",
             )
         root = dest.resolve()
@@ -439,7 +469,10 @@ def _sorted_by_position(items: list[tuple[Path, object]]) -> list[Path]:
     try:
         iop = np.array(items[0][1].ImageOrientationPatient, dtype=float)
         normal = np.cross(iop[:3], iop[3:])
-        keyed = [(float(np.dot(normal, np.array(ds.ImagePositionPatient, float))), p) for p, ds in items]
+        keyed = [
+            (float(np.dot(normal, np.array(ds.ImagePositionPatient, float))), p)
+            for p, ds in items
+        ]
     except (AttributeError, ValueError, TypeError):
         keyed = [(float(getattr(ds, "InstanceNumber", 0) or 0), p) for p, ds in items]
     positions = [k for k, _ in keyed]
@@ -512,7 +545,9 @@ def _check_same_grid(
             a, b = np.asarray(a), np.asarray(b)
             scale = max(1.0, float(np.max(np.abs(b)))) if what != "spacing" else np.abs(b)
             if np.any(np.abs(a - b) > GEOMETRY_RTOL * scale):
-                problems.append(f"{what} {np.round(a, 4).tolist()} vs image {np.round(b, 4).tolist()}")
+                problems.append(
+                    f"{what} {np.round(a, 4).tolist()} vs image {np.round(b, 4).tolist()}"
+                )
     if problems:
         raise PipelineError(
             code, f"{name} does not match the image grid: " + "; ".join(problems) + "."

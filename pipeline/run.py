@@ -165,9 +165,15 @@ def run(
     options: Options | None = None,
     *,
     seg_path: str | Path | None = None,
+    echo2_path: str | Path | None = None,
+    qdess_params_path: str | Path | None = None,
     progress: ProgressFn | None = None,
 ) -> Result:
-    """Run the whole pipeline on one input; write the results folder and zip into ``out_dir``."""
+    """Run the whole pipeline on one input; write the results folder and zip into ``out_dir``.
+
+    ``input_path`` is the MRI (or echo 1 when ``echo2_path`` and ``qdess_params_path`` give
+    the second qDESS echo and its acquisition parameters); ``seg_path`` replaces the model.
+    """
     options = options or Options()
     started = datetime.now(timezone.utc)
     track = _Tracker(progress)
@@ -177,7 +183,17 @@ def run(
 
     with job_tempdir():
         with track.stage("Loading input"):
-            loaded = inputs.load_image(input_path, max_bytes=int(options.max_mb * 1024**2))
+            max_bytes = int(options.max_mb * 1024**2)
+            loaded = inputs.load_image(input_path, max_bytes=max_bytes)
+            if (echo2_path is None) != (qdess_params_path is None):
+                raise PipelineError(
+                    ErrorCode.INVALID_PARAMETERS,
+                    "split-echo qDESS needs both echo 2 and the acquisition-parameter JSON.",
+                )
+            if echo2_path is not None:
+                loaded = inputs.attach_echoes(
+                    loaded, echo2_path, qdess_params_path, max_bytes=max_bytes
+                )
             warnings += loaded.warnings
         outputs = Outputs(out, loaded.stem)
 
@@ -292,12 +308,14 @@ def _t2_stage(loaded, seg_c, sub_c, bone_results, options, outputs, metrics) -> 
     notes = [w for w in [t2.low_spoiling_warning(loaded.qdess_params)] if w]
     e1 = sitk.GetArrayFromImage(loaded.echo1)
     e2 = sitk.GetArrayFromImage(loaded.echo2)
-    t2_img = sitk.GetImageFromArray(t2.compute_t2_map(e1, e2, loaded.qdess_params).astype(np.float32))
+    t2_arr = t2.compute_t2_map(e1, e2, loaded.qdess_params).astype(np.float32)
+    t2_img = sitk.GetImageFromArray(t2_arr)
     t2_img.CopyInformation(loaded.image)
     outputs.write_image(t2_img, "t2map")
     clipped = t2.clip_for_stats(sitk.GetArrayFromImage(inputs.to_canonical(t2_img)).astype(float))
     sub_arr = sitk.GetArrayFromImage(sub_c)
-    metrics.update(t2.region_t2_stats(clipped, _femoral_total(sub_arr), {L.FEMORAL_CART: "fem_cart"}))
+    fem_total = _femoral_total(sub_arr)
+    metrics.update(t2.region_t2_stats(clipped, fem_total, {L.FEMORAL_CART: "fem_cart"}))
     metrics.update(t2.region_t2_stats(clipped, sub_arr, L.REGION_KEYS))
 
     depth_c = _depth_map(seg_c, sub_c, bone_results)

@@ -107,7 +107,7 @@ def segment(
                 _free_device_cache(dev)
                 raise
             unload()  # drop the weights too: the retry or the next job starts clean
-            if device.strip().lower() != "auto":
+            if (device or "auto").strip().lower() != "auto":
                 raise PipelineError(
                     ErrorCode.GPU_OOM,
                     f"the GPU ran out of memory while segmenting ({_gpu_memory(dev)}). Free GPU "
@@ -402,6 +402,12 @@ def _pick_device(device: str, resolved: models.ResolvedModel):
         return torch.device("cpu"), notes
     if want == "cpu":
         return torch.device("cpu"), []
+    if want == "mps":  # Apple GPUs; nnU-Net supports them (slower than CUDA)
+        if not torch.backends.mps.is_available():
+            raise PipelineError(
+                ErrorCode.INVALID_PARAMETERS, "device 'mps' requested but MPS is not available."
+            )
+        return torch.device("mps"), []
     if want == "cuda" or want.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise PipelineError(
@@ -421,7 +427,8 @@ def _pick_device(device: str, resolved: models.ResolvedModel):
             )
         return dev, []
     raise PipelineError(
-        ErrorCode.INVALID_PARAMETERS, f"device must be auto, cpu, cuda or cuda:N (got {device!r})."
+        ErrorCode.INVALID_PARAMETERS,
+        f"device must be auto, cpu, cuda, cuda:N or mps (got {device!r}).",
     )
 
 

@@ -32,9 +32,12 @@ def run_shape_stage(
         return ["shape model skipped: no femur surface."]
     cart = next((mesh for lab, mesh in femur.thickness_meshes if lab == 2), None)
     if cart is not None:
+        from .thickness import quiet_native_output
+
         cart = cart.copy()
         try:
-            cart.fix_mesh()
+            with quiet_native_output():
+                cart.fix_mesh()
         except Exception:  # meshfix is a polish step; an unfixed surface still fits
             pass
     side = shape.detect_knee_side(sitk.GetArrayViewFromImage(sub_c), np.array(sub_c.GetDirection()))
@@ -44,7 +47,7 @@ def run_shape_stage(
         try:
             paths = shape.locate_model(
                 variant, model_dir=options.nsm_dir, bscore_root=options.nsm_bscore_dir,
-                download=options.nsm_dir is None,
+                download=options.nsm_dir is None, require_bscore=False,
             )
         except PipelineError as exc:
             notes.append(f"shape model '{variant}' skipped [{exc.code.value}]: {exc.message}")

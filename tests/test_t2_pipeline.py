@@ -118,3 +118,30 @@ def test_tags_stripped_completes_with_warning(qdess_case, tmp_path):
     assert any("T2 skipped" in w for w in prov["warnings"])
     with zipfile.ZipFile(tmp_path / "o" / "anon_results.zip") as zf:
         assert not any("t2map" in n or "depth_seg" in n for n in zf.namelist())
+
+
+def test_split_echoes_with_parameter_json(qdess_case, tmp_path):
+    from pipeline.errors import ErrorCode, PipelineError
+    from pipeline.run import Options, run
+
+    spec, ph, paths, _, _ = qdess_case
+    sitk.WriteImage(ph.echo1, str(tmp_path / "e1.nii.gz"))
+    sitk.WriteImage(P.reorient(ph.echo2, "RAS"), str(tmp_path / "e2.nii.gz"))  # other axes, ok
+    good = {"tr_ms": 20.36, "te_ms": 6.428, "flip_angle_deg": 20, "gl_area": 3132, "tg_us": 2392}
+    (tmp_path / "p.json").write_text(json.dumps(good))
+    result = run(tmp_path / "e1.nii.gz", tmp_path / "out", Options(), seg_path=paths["seg"],
+                 echo2_path=tmp_path / "e2.nii.gz", qdess_params_path=tmp_path / "p.json")
+    row = result.metrics.iloc[0]
+    assert abs(row["med_tib_cart_t2_ms_mean"] - spec.t2_ms["tibial_cartilage"]) <= 1.0
+    assert result.provenance["input"]["echoes"] == 2
+
+    (tmp_path / "bad.json").write_text(json.dumps({**good, "tr_ms": "fast"}))
+    with pytest.raises(PipelineError) as info:
+        run(tmp_path / "e1.nii.gz", tmp_path / "o2", Options(), seg_path=paths["seg"],
+            echo2_path=tmp_path / "e2.nii.gz", qdess_params_path=tmp_path / "bad.json")
+    assert info.value.code == ErrorCode.INVALID_PARAMETERS and "tr_ms" in info.value.message
+    sitk.WriteImage(ph.echo2[:, :, 1:], str(tmp_path / "short.nii.gz"))
+    with pytest.raises(PipelineError) as info:
+        run(tmp_path / "e1.nii.gz", tmp_path / "o3", Options(), seg_path=paths["seg"],
+            echo2_path=tmp_path / "short.nii.gz", qdess_params_path=tmp_path / "p.json")
+    assert info.value.code == ErrorCode.INVALID_DIMENSIONS
