@@ -1,0 +1,144 @@
+"""Per-stage seconds and peak memory of the pipeline (a benchmark, not a test).
+
+    python scripts/benchmark.py                 # bundled example + 384×384×160 phantom
+    python scripts/benchmark.py --cases example # one case
+    python scripts/benchmark.py --reference     # also the plain pymskt call sequence
+    python scripts/benchmark.py --t2            # T2 stage alone on a 512×512×160 pair
+
+Each case runs in its own process so its peak resident memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _case_inputs(case: str, folder: Path) -> tuple[Path, Path]:
+    if case == "example":
+        ex = ROOT / "assets" / "examples"
+        return ex / "knee_phantom.nii.gz", ex / "knee_phantom_seg.nii.gz"
+    import SimpleITK as sitk
+
+    from pipeline import phantom as P
+
+    # The OAI DESS grid: 384×384×160 at 0.3646×0.3646×0.7 mm.
+    spec = P.PhantomSpec(size=(384, 384, 160), spacing=(0.3646, 0.3646, 0.7),
+                         fem_cart_mm=(1.8, 2.6), tib_cart_mm=(2.0, 2.8))
+    ph = P.generate(spec)
+    img, seg = folder / "oai_phantom.nii.gz", folder / "oai_phantom_seg.nii.gz"
+    sitk.WriteImage(ph.image, str(img))
+    sitk.WriteImage(ph.labels, str(seg))
+    return img, seg
+
+
+def run_case(case: str) -> dict:
+    from pipeline.run import Options, run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        img, seg = _case_inputs(case, Path(tmp))
+        start = time.perf_counter()
+        result = run(img, Path(tmp) / "out", Options(), seg_path=seg)
+        total = time.perf_counter() - start
+    return {"case": case, "total_s": round(total, 1), "stages_s": result.provenance[
+        "stage_seconds"], "peak_rss_mb": round(_peak_mb())}
+
+
+def run_reference(case: str) -> dict:
+    """The reference pipeline's plain pymskt sequence (pcu cartilage fix, full registration)."""
+    import shutil
+
+    import SimpleITK as sitk
+    from pymskt.image.cartilage_processing import get_knee_segmentation_with_femur_subregions
+    from pymskt.mesh import BoneMesh
+
+    from pipeline import regions
+
+    with tempfile.TemporaryDirectory() as tmp:
+        seed = Path(tempfile.gettempdir()) / "pymskt_data"
+        seed.mkdir(exist_ok=True)
+        shutil.copy(regions.REFERENCE_KNEE, seed / "right_knee_example.nrrd")
+        _, seg_path = _case_inputs(case, Path(tmp))
+        seg = sitk.DICOMOrient(sitk.ReadImage(str(seg_path)), "PIR")
+        times = {}
+        t = time.perf_counter()
+        sub = get_knee_segmentation_with_femur_subregions(
+            seg, fem_cart_label_idx=2, wb_region_percent_dist=0.6, femur_label=7,
+            med_tibia_label=3, lat_tibia_label=4, ant_femur_mask=11, med_wb_femur_mask=12,
+            lat_wb_femur_mask=13, med_post_femur_mask=14, lat_post_femur_mask=15,
+            verify_med_lat_tib_cart=True, tibia_label=8, ml_axis=0,
+        )
+        times["subregions"] = time.perf_counter() - t
+        for bone, lab, carts, crop, n, regs in (
+            ("femur", 7, [2], 0.8, 20000, [11, 12, 13, 14, 15]),
+            ("tibia", 8, [3, 4], 0.8, 20000, [3, 4]),
+            ("patella", 9, [1], None, 10000, [1]),
+        ):
+            t = time.perf_counter()
+            bm = BoneMesh(seg_image=seg, label_idx=lab, list_cartilage_labels=carts, bone=bone,
+                          crop_percent=crop)
+            bm.create_mesh(smooth_image_var=0.5)
+            bm.resample_surface(clusters=n)
+            bm.fix_mesh()
+            bm.calc_cartilage_thickness(image_smooth_var_cart=0.3125)
+            bm.seg_image = sub
+            bm.list_cartilage_labels = regs
+            bm.create_cartilage_meshes(image_smooth_var_cart=0.3125)
+            bm.assign_cartilage_regions()
+            times[bone] = time.perf_counter() - t
+    return {"case": case, "reference_stages_s": {k: round(v, 1) for k, v in times.items()},
+            "reference_total_s": round(sum(times.values()), 1), "peak_rss_mb": round(_peak_mb())}
+
+
+def run_t2() -> dict:
+    import numpy as np
+
+    from pipeline import t2
+
+    rng = np.random.default_rng(0)
+    e1 = rng.integers(100, 4000, (160, 512, 512)).astype(np.float32)
+    e2 = (e1 * rng.uniform(0.05, 0.6, e1.shape)).astype(np.float32)
+    params = t2.QDessParams(20.36, 6.428, 20.0, 3132.0, 2392.0)
+    t = time.perf_counter()
+    t2.compute_t2_map(e1, e2, params)
+    return {"case": "t2_512x512x160", "seconds": round(time.perf_counter() - t, 2),
+            "peak_rss_mb": round(_peak_mb())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cases", nargs="+", default=["example", "oai"])
+    parser.add_argument("--reference", action="store_true")
+    parser.add_argument("--t2", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, _, case = args.child.partition(":")
+        out = {"case": run_case, "reference": run_reference}.get(kind, lambda _: run_t2())(case)
+        print(json.dumps(out))
+        return
+    jobs = [f"case:{c}" for c in args.cases]
+    jobs += [f"reference:{c}" for c in args.cases] if args.reference else []
+    jobs += ["t2:"] if args.t2 else []
+    for job in jobs:
+        proc = subprocess.run([sys.executable, __file__, "--child", job], capture_output=True,
+                              text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        print(lines[-1] if lines else f"{job} failed:\n{proc.stderr[-2000:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
