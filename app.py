@@ -6,7 +6,9 @@ The page only wires components to ``app_support``; behaviour lives there.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 try:  # ZeroGPU needs `spaces` imported before anything touches CUDA (torch is imported later)
     import spaces  # noqa: F401
@@ -24,7 +26,6 @@ ROOT = Path(__file__).resolve().parent
 EXAMPLES = ROOT / "assets" / "examples"
 EXAMPLE_IMAGE = EXAMPLES / "knee_phantom.nii.gz"
 EXAMPLE_SEG = EXAMPLES / "knee_phantom_seg.nii.gz"
-UPLOAD_TYPES = [".nii", ".nii.gz", ".nrrd", ".mha", ".dcm", ".zip"]
 GPU_GROUP = "gpu"  # every event that runs the pipeline shares this one-slot group
 
 INTRO = """# Knee MRI analysis
@@ -34,10 +35,14 @@ from a knee MRI. Upload an image and a segmentation (labels 0–9), or let a mod
 DISCLAIMER = """> **Research use only.** Not a medical device; results must not be used for
 > diagnosis or treatment. **Upload de-identified data only**: remove names, IDs and dates from
 > file names and DICOM headers before uploading. Uploads and intermediate images are deleted
-> when the job ends; the results zip expires after 24 h.
+> when the job ends; the results zip expires after {ttl}.
 """
 CPU_WARNING = """⚠️ **No GPU on this server.** Automatic segmentation runs on the CPU and can
 take many minutes per scan; with your own segmentation a job takes well under a minute."""
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds / 60:g} min"
 
 
 def build_demo(settings: Settings | None = None) -> gr.Blocks:
@@ -45,17 +50,20 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
     settings = settings or Settings.from_env()
     settings.pin_gradio_temp_dir()  # before any Blocks exists: Gradio reads it at creation
     service = AnalysisService(settings, protected_files=[EXAMPLE_IMAGE, EXAMPLE_SEG])
-    choices = system.segmentation_choices()
+    models = system.model_choices()
+    choices = system.segmentation_choices(models)
+    default_model = system.default_segmentation_choice(models)
     defaults = Options()
 
+    # Parameter defaults become the API's defaults: a client may send only the image.
     def analyze(
         image: str | None,
-        segmentation: str | None,
-        segmentation_model: str | None,
-        shape_model: str,
-        cartilage_smoothing: float,
-        email: str | None,
-        research_consent: bool,
+        segmentation: str | None = None,
+        segmentation_model: str | None = default_model,
+        shape_model: str = "none",
+        cartilage_smoothing: float = defaults.cart_smooth_var,
+        email: str | None = "",
+        research_consent: bool = True,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's injection idiom
     ):
         """Analyse one knee MRI; streams the current step, then all results."""
@@ -67,28 +75,31 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         yield from service.analyze(image, segmentation, system.USE_OWN_SEG, "none",
                                    defaults.cart_smooth_var, "", False, progress)
 
-    def health() -> dict:
+    def health() -> dict[str, Any]:
         """Version, device/GPU, usable segmentation models and queue length."""
         return service.health()
 
-    def stats() -> dict:
+    def stats() -> dict[str, Any]:
         """Usage: jobs processed (total, today UTC), mean seconds of the last 20, failures."""
         return service.stats_summary()
 
     with gr.Blocks(title="Knee MRI analysis",
                    delete_cache=(3600, settings.result_ttl_s)) as demo:
         gr.Markdown(INTRO)
-        gr.Markdown(DISCLAIMER)
+        gr.Markdown(DISCLAIMER.format(ttl=_duration(settings.result_ttl_s)))
         if system.device_info()["device"] != "cuda" and not settings.zero_gpu:
             gr.Markdown(CPU_WARNING)
         with gr.Row():
             with gr.Column(scale=1):
+                # No file_types filter on purpose: Gradio would refuse a wrong type before the
+                # job starts, leaving the upload on disk for a day, and would refuse DICOM files
+                # without extension, which the pipeline accepts. The pipeline checks formats.
                 image = gr.File(label="MRI image (.nii, .nii.gz, .nrrd, .mha, .dcm, or .zip of "
-                                "one DICOM series)", file_types=UPLOAD_TYPES, type="filepath")
+                                "one DICOM series)", type="filepath")
                 seg = gr.File(label="Segmentation (optional; label map 0–9 on the image grid)",
-                              file_types=UPLOAD_TYPES, type="filepath")
+                              type="filepath")
                 model = gr.Dropdown(
-                    choices=choices, value=choices[0][1], label="Segmentation model",
+                    choices=choices, value=default_model, label="Segmentation model",
                     info="Models usable on this server; an uploaded segmentation is always used.",
                 )
                 shape = gr.Radio(choices=NSM_LABELS, value="none", label="Shape model (NSM)")
@@ -98,7 +109,8 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                         label="Cartilage smoothing (Gaussian variance, mm²)",
                     )
                 email = gr.Textbox(
-                    label="E-mail (optional)", type="email", placeholder="you@example.org",
+                    value="", label="E-mail (optional)", type="email",
+                    placeholder="you@example.org",
                     info="Only a salted hash is stored, to count unique users. Never shown or "
                     "shared.",
                 )
@@ -112,13 +124,13 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                 results_zip = gr.File(label="Results (zip)", interactive=False)
                 run_seconds = gr.Number(label="Run time (s)", interactive=False)
                 warnings = gr.Markdown(label="Warnings")
-                thickness = gr.Dataframe(label="Cartilage thickness (mm) and volume (mm³)",
+                thickness = gr.Dataframe(label="Cartilage thickness and volume",
                                          interactive=False, buttons=["copy", "fullscreen"])
                 with gr.Group(visible=False) as t2_box:
-                    t2 = gr.Dataframe(label="T2 (ms): all / deep / superficial",
+                    t2 = gr.Dataframe(label="T2 relaxation (ms)",
                                       interactive=False, buttons=["copy", "fullscreen"])
                 with gr.Group(visible=False) as shape_box:
-                    shape_table = gr.Dataframe(label="Shape model", interactive=False)
+                    shape_table = gr.Dataframe(label="Shape model results", interactive=False)
                 with gr.Accordion("Provenance", open=False):
                     provenance = gr.JSON(label="Provenance")
         outputs = [status, results_zip, thickness, t2, shape_table, warnings, run_seconds,
@@ -161,10 +173,12 @@ def main() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     demo = build_demo()
     settings: Settings = demo.knee_settings
+    allowed = [str(EXAMPLES)]
+    if os.environ.get("GRADIO_EXAMPLES_CACHE"):  # cached example outputs are served from there
+        allowed.append(os.environ["GRADIO_EXAMPLES_CACHE"])
     demo.launch(
         server_name=settings.host, server_port=settings.port,
-        max_file_size=int(settings.max_upload_mb * 1024**2),
-        allowed_paths=[str(EXAMPLES)],
+        max_file_size=int(settings.max_upload_mb * 1024**2), allowed_paths=allowed,
     )
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+RESULT_PREFIX = "knee_result_"  # published zips: <gradio cache>/knee_result_XXXX/<stem>_results.zip
+
 # What research retention may keep: derived label maps, meshes, metrics and provenance.
 _RETAIN_PATTERNS = (
     re.compile(r".*labels.*\.(nii\.gz|nii|nrrd|mha)$"),
@@ -188,7 +190,7 @@ def publish_result(zip_path: str | os.PathLike, cache_dir: str | os.PathLike) ->
     Gradio serves a file already inside its cache as is and adds it to the files
     ``delete_cache`` expires, so the zip lives exactly as long as any other result.
     """
-    dest_dir = Path(tempfile.mkdtemp(prefix="knee_result_", dir=cache_dir))
+    dest_dir = Path(tempfile.mkdtemp(prefix=RESULT_PREFIX, dir=cache_dir))
     dest = dest_dir / Path(zip_path).name
     shutil.move(os.fspath(zip_path), dest)
     return dest
@@ -196,6 +198,15 @@ def publish_result(zip_path: str | os.PathLike, cache_dir: str | os.PathLike) ->
 
 def _without_stem(name: str, stem: str) -> str:
     return name[len(stem) + 1:] if stem and name.startswith(stem + "_") else name
+
+
+def sweep_result_dirs(cache_dir: str | os.PathLike) -> None:
+    """Remove result folders emptied by Gradio's cache expiry (it deletes files, not folders)."""
+    for d in Path(cache_dir).glob(RESULT_PREFIX + "*"):
+        try:
+            d.rmdir()  # only succeeds when empty
+        except OSError:
+            pass
 
 
 def is_retainable(name: str, stem: str = "") -> bool:

@@ -26,9 +26,6 @@ log = logging.getLogger(__name__)
 NSM_LABELS: list[tuple[str, str]] = [
     ("none", "none"), ("bone + cartilage", "bone_cart"), ("bone only", "bone"), ("both", "both"),
 ]
-OUTPUT_NAMES = (
-    "status", "results_zip", "thickness", "t2", "shape", "warnings", "run_seconds", "provenance",
-)
 
 
 class JobFailed(Exception):
@@ -63,12 +60,11 @@ class AnalysisService:
         if not has_seg and chosen is None:
             raise PipelineError(
                 ErrorCode.INVALID_PARAMETERS,
-                "choose a segmentation model, or upload a segmentation (label map 0–9) and "
-                f"select '{system.USE_OWN_SEG}'.",
+                "upload a segmentation (label map 0–9 on the image grid) or choose a "
+                "segmentation model.",
             )
         if has_seg and chosen is not None:
-            notes.append(f"a segmentation was uploaded, so it was used and model {chosen!r} "
-                         "was not run.")
+            notes.append(f"Your segmentation was used; model {chosen!r} was not run.")
         try:
             smooth = float(cart_smooth)
         except (TypeError, ValueError):
@@ -116,8 +112,8 @@ class AnalysisService:
             self._record(started, t0, ok=False, code=ErrorCode.INTERNAL.value,
                          user_hash=user_hash, **record)
             raise gr.Error(
-                f"[{ErrorCode.INTERNAL.value}] internal error; the team has been logged the "
-                "details. Please try again or report it.", duration=None,
+                f"[{ErrorCode.INTERNAL.value}] unexpected server error (details are in the "
+                "server log); please try again, or report it.", duration=None,
                 print_exception=False,
             ) from None
         finally:
@@ -130,6 +126,7 @@ class AnalysisService:
              record: dict) -> Iterator[tuple]:
         if not image:
             raise PipelineError(ErrorCode.INVALID_PARAMETERS, "upload an MRI image first.")
+        options, notes = self._options(model, shape_model, cart_smooth, bool(segmentation))
         for path in (image, segmentation):
             if path and not Path(path).exists():
                 raise PipelineError(
@@ -137,12 +134,12 @@ class AnalysisService:
                     f"{Path(path).name} is no longer on the server (uploads are deleted after "
                     "each job); please upload it again.",
                 )
-        options, notes = self._options(model, shape_model, cart_smooth, bool(segmentation))
         skip = gr.skip()
         with jobs.job_folder(self.settings.work_dir) as out_dir:
-            run_t0 = time.monotonic()
             result: Result | None = None
             with RUN_LOCK:
+                run_t0 = time.monotonic()  # after the lock: run time, not waiting time
+                jobs.sweep_result_dirs(self.settings.gradio_temp_dir)
                 last_name = ""
                 for event in self.events(image, out_dir, options, segmentation):
                     if isinstance(event, Step):
@@ -173,18 +170,17 @@ class AnalysisService:
             record["retained"] = retained is not None
             zip_path = jobs.publish_result(result.zip_path, self.settings.gradio_temp_dir)
         # The job folder (all intermediate files) is gone here; only the zip remains.
-        warnings = notes + list(result.warnings)
-        provenance = dict(result.provenance)
+        done = " ".join([f"Done in {seconds:.1f} s.", *notes]
+                        + (["Derived results retained for research."] if retained else []))
         return (
-            f"Done in {seconds:.1f} s." + (" Derived results retained for research."
-                                          if retained else ""),
+            done,
             str(zip_path),
             tables.thickness_table(result.metrics),
             tables.t2_table(result.metrics),
             tables.shape_table(result.metrics),
-            tables.warnings_markdown(warnings),
+            tables.warnings_markdown(list(result.warnings)),
             seconds,
-            provenance,
+            dict(result.provenance),
         )
 
     def _record(self, started: datetime, t0: float, *, ok: bool, code: str | None = None,
@@ -220,7 +216,7 @@ class AnalysisService:
             "device": dev["device"],
             "gpu": dev["gpu"],
             "zero_gpu": self.settings.zero_gpu,
-            "models": [mid for _, mid in system.model_choices()],
+            "models": [m.id for m in system.model_choices()],
             "queue": {**system.queue_info(self.demo), "max_size": self.settings.queue_max},
         }
 

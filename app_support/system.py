@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -31,8 +32,15 @@ def device_info() -> dict[str, Any]:
     return {"device": "cpu", "gpu": None, "torch": torch.__version__}
 
 
-def model_choices() -> list[tuple[str, str]]:
-    """``(label, id)`` of the segmentation models usable on this host now ([] if none).
+@dataclass(frozen=True)
+class ModelChoice:
+    label: str
+    id: str
+    demo: bool = False  # toy model: offered, but never the default
+
+
+def model_choices() -> list[ModelChoice]:
+    """Segmentation models usable on this host now ([] if none).
 
     ``pipeline.models`` may be absent in a trimmed install, hence the ImportError guard; any
     other failure is logged and treated as "no models" so the page still loads.
@@ -42,32 +50,42 @@ def model_choices() -> list[tuple[str, str]]:
     except ImportError:
         return []
     try:
-        if hasattr(models, "model_choices"):
-            return [(str(label), str(mid)) for label, mid in models.model_choices()]
         out = []
         for m in models.available_models():
             if isinstance(m, str):
-                out.append((m, m))
+                out.append(ModelChoice(m, m))
             else:
-                out.append((str(getattr(m, "name", m)), str(getattr(m, "id", m))))
+                out.append(ModelChoice(str(getattr(m, "name", m)), str(getattr(m, "id", m)),
+                                       bool(getattr(m, "demo", False))))
         return out
     except Exception:
         log.exception("listing segmentation models failed")
         return []
 
 
-def segmentation_choices() -> list[tuple[str, str]]:
-    """Dropdown choices: usable models, then the 'use my segmentation' entry."""
-    return [*model_choices(), (USE_OWN_SEG, USE_OWN_SEG)]
+def segmentation_choices(models: list[ModelChoice] | None = None) -> list[tuple[str, str]]:
+    """Dropdown ``(label, value)`` pairs: usable models, then 'use my segmentation'."""
+    models = model_choices() if models is None else models
+    return [*((m.label, m.id) for m in models), (USE_OWN_SEG, USE_OWN_SEG)]
 
 
-def queue_info(demo: Any) -> dict[str, int | None]:
-    """Waiting and running jobs in Gradio's queue (None where Gradio hides it)."""
+def default_segmentation_choice(models: list[ModelChoice] | None = None) -> str:
+    """The first real model; else 'use my segmentation' (a demo model is never the default,
+    it is meaningless on real scans)."""
+    models = model_choices() if models is None else models
+    return next((m.id for m in models if not m.demo), USE_OWN_SEG)
+
+
+def queue_info(demo: Any, group: str = "gpu") -> dict[str, int | None]:
+    """Jobs waiting in and running from the pipeline's concurrency group (None where Gradio
+    hides it). Only that group: a /health call is itself an event in the queue."""
     q = getattr(demo, "_queue", None)
-    if q is None:
-        return {"waiting": None, "running": None}
     try:
-        return {"waiting": len(q), "running": int(q.get_active_worker_count())}
+        event_queue = q.event_queue_per_concurrency_id.get(group) if q is not None else None
+        if event_queue is None:
+            return {"waiting": None if q is None else 0, "running": None if q is None else 0}
+        return {"waiting": len(event_queue.queue),
+                "running": int(event_queue.current_concurrency)}
     except Exception:  # a private API: never let it break /health
         return {"waiting": None, "running": None}
 

@@ -38,5 +38,9 @@ class PipelineError(Exception):
         self.message = message
         super().__init__(f"{self.code.value}: {message}")
 
+    def __reduce__(self):
+        # Picklable with its code (ZeroGPU runs jobs in a worker process).
+        return (type(self), (self.code.value, self.message))
+
     def __str__(self) -> str:
         return f"error[{self.code.value}]: {self.message}"

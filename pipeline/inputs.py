@@ -338,6 +338,8 @@ def _format_of(path: Path) -> str:
 
 
 def _read_image_file(path: Path) -> sitk.Image:
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError:
@@ -345,6 +347,40 @@ def _read_image_file(path: Path) -> sitk.Image:
             ErrorCode.INVALID_FORMAT, f"{path.name}: not a readable image (corrupt or truncated)."
         ) from None
     return img
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a truncated NIfTI: ITK zero-fills missing voxels without an error."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+        expected = int(header.get_data_offset()) + int(
+            np.prod(header.get_data_shape(), dtype=np.int64)
+        ) * header.get_data_dtype().itemsize
+    except Exception:
+        raise PipelineError(
+            ErrorCode.INVALID_FORMAT, f"{path.name}: not a readable NIfTI image."
+        ) from None
+    if path.name.lower().endswith(".gz"):
+        actual = 0
+        try:
+            with gzip.open(path, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    actual += len(chunk)
+        except (EOFError, OSError, zlib.error):
+            actual = -1
+    else:
+        actual = path.stat().st_size
+    if actual < expected:
+        raise PipelineError(
+            ErrorCode.INVALID_FORMAT,
+            f"{path.name}: the file is truncated or corrupt (incomplete upload?); "
+            "upload it again.",
+        )
 
 
 def _is_dicom(path: Path) -> bool:

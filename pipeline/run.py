@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from . import __version__, inputs, regions, thickness
+from . import __version__, inputs, regions, thickness, viz
 from . import labels as L
 from .errors import ErrorCode, PipelineError
 from .package import Outputs
@@ -208,6 +208,8 @@ def run(
             _check_bones_present(seg)
 
         seg_c = inputs.to_canonical(seg)
+        qc = viz.qc_summary(seg_c)
+        warnings += viz.qc_warnings(qc)
         with track.stage("Femoral subregions"):
             sub_c, notes = _subregions(seg_c)
             warnings += notes
@@ -241,11 +243,19 @@ def run(
             outputs.write_image(inputs.from_canonical(seg_c, loaded.image), "all-labels")
             outputs.write_image(inputs.from_canonical(sub_c, loaded.image), "subregions-labels")
             mesh_index = _write_meshes(outputs, bone_results)
+            vis_notes: list[str] = []
+            visuals = viz.write_visuals(
+                out, loaded.stem, bone_results, seg_c, sub_c, qc=qc, notes=vis_notes
+            )
+            for path in visuals.values():
+                outputs.add(path)
+            warnings += vis_notes
             outputs.write_metrics(metrics)
             provenance = _provenance(
                 loaded, options, model_info, track.seconds, started, warnings, mesh_index,
                 seg_source="upload" if seg_path is not None else "model",
             )
+            provenance["qc"] = {"plausible": qc.get("plausible"), "reasons": qc.get("reasons")}
             outputs.write_json(provenance, f"{loaded.stem}_provenance.json")
             zip_path = outputs.zip()
     provenance["stage_seconds"] = track.seconds  # includes the packaging step itself

@@ -90,9 +90,11 @@ class App:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory) -> App:
     root = tmp_path_factory.mktemp("knee_app")
-    dirs = {name: root / name for name in ("gradio", "work", "tmp", "retained", "dl", "excache")}
+    dirs = {name: root / name for name in ("gradio", "work", "tmp", "retained", "dl")}
     for d in dirs.values():
         d.mkdir()
+    # Under the temp dir: Gradio serves cached example outputs only from allowed folders.
+    dirs["excache"] = dirs["tmp"] / "examples_cache"
     mp = pytest.MonkeyPatch()
     mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     mp.setenv("GRADIO_TEMP_DIR", str(dirs["gradio"]))
@@ -107,7 +109,8 @@ def app(tmp_path_factory) -> App:
     import app as app_module
 
     demo = app_module.build_demo()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True,
+                                 show_error=True)
     try:
         client = Client(url, verbose=False, download_files=str(dirs["dl"]))
         user = root / "user"
@@ -142,7 +145,17 @@ def test_api_lists_endpoints_with_labels(app: App) -> None:
     assert health["queue"]["max_size"] == 8
 
 
-def test_example_end_to_end(app: App) -> None:
+def test_bad_inputs_fail_with_codes_then_example_runs_end_to_end(app: App) -> None:
+    stats0 = app.client.predict(api_name="/stats")
+    hostile = app.root / "user" / "evil.nii.gz"
+    hostile.write_text("this is not an image\n" * 10)
+    with pytest.raises(AppError, match=r"\[INVALID_FORMAT\]"):
+        app.analyze(hostile, app.seg).result(timeout=120)
+    with pytest.raises(AppError, match=r"\[INVALID_PARAMETERS\]"):  # no seg, no model
+        app.analyze(app.image).result(timeout=120)
+    app.assert_clean([hostile, app.image, app.seg])
+
+    # The server keeps serving: the example (user copy, image + segmentation) end to end.
     before = {p.name for p in app.retain_dir.iterdir()}
     job = app.analyze(app.image, app.seg)
     status, zip_path, thick, t2, shape, warnings, seconds, prov = job.result(timeout=240)
@@ -170,21 +183,6 @@ def test_example_end_to_end(app: App) -> None:
     assert not any(n.endswith((".zip", ".mha")) or "t2" in n or "subject" in n for n in kept)
     app.assert_clean([app.image, app.seg])
 
-
-def test_hostile_file_fails_with_code_then_good_job_runs(app: App) -> None:
-    stats0 = app.client.predict(api_name="/stats")
-    hostile = app.root / "user" / "evil.nii.gz"
-    hostile.write_text("this is not an image\n" * 10)
-    with pytest.raises(AppError, match=r"\[INVALID_FORMAT\]"):
-        app.analyze(hostile, app.seg).result(timeout=120)
-    with pytest.raises(AppError, match=r"\[INVALID_PARAMETERS\]"):  # no seg, no model
-        app.analyze(app.image).result(timeout=120)
-    app.assert_clean([hostile, app.image, app.seg])
-
-    out = app.analyze(app.image, app.seg, consent=False).result(timeout=240)
-    assert out[0].startswith("Done")
-    app.assert_clean([app.image, app.seg])
-
     stats1 = app.client.predict(api_name="/stats")
     assert stats1["total_processed"] == stats0["total_processed"] + 1
     assert stats1["processed_today"] == stats0["processed_today"] + 1
@@ -193,6 +191,16 @@ def test_hostile_file_fails_with_code_then_good_job_runs(app: App) -> None:
         assert stats1["failures_by_code"][code] == stats0["failures_by_code"].get(code, 0) + 1
     assert stats1["avg_seconds_last_20"] > 0
     assert stats1["unique_users"] == 1  # same e-mail every time
+
+
+def test_api_defaults_keyword_call(app: App) -> None:
+    """Only the files, by keyword, everything else from the API's defaults (README form)."""
+    bad = app.root / "user" / "notes.nii.gz"
+    bad.write_bytes(b"\x00" * 400)  # a NIfTI header of zeros: refused before any analysis
+    with pytest.raises(AppError, match=r"\[INVALID_FORMAT\]"):
+        app.client.predict(image=handle_file(str(bad)),
+                           segmentation=handle_file(str(app.seg)), api_name="/analyze")
+    app.assert_clean([bad, app.seg])
 
 
 def test_three_identical_uploads_run_one_after_another(app: App) -> None:
@@ -216,10 +224,12 @@ def test_three_identical_uploads_run_one_after_another(app: App) -> None:
 
 
 def test_lazy_example_runs_and_keeps_example_files(app: App) -> None:
-    sample = [handle_file(str(EXAMPLE_IMAGE)), handle_file(str(EXAMPLE_SEG))]
-    out = app.client.predict([0, sample], api_name="/load_example")
+    out = app.client.predict(0, api_name="/load_example")  # first use: runs the pipeline
     assert out[0].startswith("Done")
     assert Path(out[1]).name == "knee_phantom_results.zip"
+    t0 = time.monotonic()
+    again = app.client.predict(0, api_name="/load_example")  # now served from the cache
+    assert time.monotonic() - t0 < 5 and again[0] == out[0]
     # The example's cached input copies are still there (protected), nothing else is.
     assert app.files_with({_sha(EXAMPLE_IMAGE)}) and app.files_with({_sha(EXAMPLE_SEG)})
     assert list(app.work_dir.iterdir()) == []

@@ -216,6 +216,13 @@ def test_segmentation_refusals(small_phantom, tmp_path):
 # ---------------------------------------------------------------- refusals
 
 
+def test_error_pickles_with_code():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(PipelineError(ErrorCode.GPU_OOM, "out of memory")))
+    assert err.code == ErrorCode.GPU_OOM and err.message == "out of memory"
+
+
 def test_invalid_format(tmp_path):
     (tmp_path / "x.nii.gz").write_bytes(b"this is not an image at all" * 10)
     _expect(ErrorCode.INVALID_FORMAT, inputs.load_image, tmp_path / "x.nii.gz")
@@ -223,6 +230,13 @@ def test_invalid_format(tmp_path):
     _expect(ErrorCode.INVALID_FORMAT, inputs.load_image, tmp_path / "x.txt")
     (tmp_path / "empty.nrrd").write_bytes(b"")
     _expect(ErrorCode.INVALID_FORMAT, inputs.load_image, tmp_path / "empty.nrrd")
+    for ext in ("nii.gz", "nii", "nrrd", "mha"):  # truncated uploads (ITK zero-fills NIfTI)
+        full = tmp_path / f"full.{ext}"
+        img = sitk.GetImageFromArray(np.random.default_rng(0).random((20, 30, 40)) * 100)
+        sitk.WriteImage(img, str(full), useCompression=True)
+        data = full.read_bytes()
+        (tmp_path / f"cut.{ext}").write_bytes(data[: len(data) // 2])
+        _expect(ErrorCode.INVALID_FORMAT, inputs.load_image, tmp_path / f"cut.{ext}")
     (tmp_path / "notzip.zip").write_bytes(b"PK\x03\x04garbage")
     _expect(ErrorCode.INVALID_FORMAT, inputs.load_image, tmp_path / "notzip.zip")
     z = _zip(tmp_path / "docs.zip", {"readme.txt": b"nothing to see"})

@@ -159,6 +159,9 @@ EXPECTED_FILES = {
     *(f"femur_cart_{i}_mesh.vtk" for i in range(5)), "tibia_cart_0_mesh.vtk",
     "tibia_cart_1_mesh.vtk", "patella_cart_0_mesh.vtk", "knee_results.csv",
     "knee_results.json", "knee_provenance.json",
+    # Visual outputs (pipeline.viz): thickness-coloured GLBs, legend, map, QC summary.
+    "femur_thickness.glb", "tibia_thickness.glb", "patella_thickness.glb", "knee_thickness.glb",
+    "thickness_legend.png", "knee_thickness_map.png", "knee_qc.json",
 }
 
 
@@ -211,6 +214,8 @@ def test_missing_patella_gives_warning_and_nan(tmp_path):
     assert any("patella" in w for w in result.warnings)
     with zipfile.ZipFile(result.zip_path) as zf:
         assert "patella_mesh.vtk" not in zf.namelist()
+    qc = json.loads((result.out_dir / "knee_qc.json").read_text())
+    assert qc["plausible"] is False and any("patella" in r for r in qc["reasons"])
 
 
 def test_no_femur_is_segmentation_failed(tmp_path):
