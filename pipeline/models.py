@@ -52,6 +52,7 @@ class ModelSpec:
     stage_folders: tuple[str, ...] = ()  # explicit folder names (default: trainer__plans__cfg)
     description: str = ""
     demo: bool = False  # toy model: never for real MRI
+    keep_largest: tuple[int, ...] = ()  # pipeline labels reduced to their largest component
 
     @property
     def source(self) -> str:
@@ -101,9 +102,14 @@ class ResolvedModel:
 
     @property
     def key(self) -> tuple:
-        """Identity for keeping a loaded predictor between jobs."""
-        return (tuple(str(s.folder) for s in self.stages), str(self.spec.fold),
-                self.spec.checkpoint, self.commit)
+        """Identity for keeping a loaded predictor between jobs (a replaced file changes it)."""
+        files = []
+        for s in self.stages:
+            for p in (s.folder / f"fold_{self.spec.fold}" / self.spec.checkpoint,
+                      s.folder / "plans.json", s.folder / "dataset.json"):
+                st = p.stat()
+                files.append((str(p), st.st_size, st.st_mtime_ns))
+        return (tuple(files), self.commit)
 
     def info(self) -> dict:
         """JSON-serialisable description for the provenance record."""
@@ -129,6 +135,9 @@ class ResolvedModel:
             out["path"] = str(self.stages[0].folder.parent)
         if self.missing_labels:
             out["labels_not_predicted"] = list(self.missing_labels)
+        if spec.keep_largest:
+            out["postprocessing"] = "largest connected component of " + ", ".join(
+                L.LABEL_NAMES[v] for v in spec.keep_largest)
         return out
 
 
@@ -157,10 +166,16 @@ REGISTRY: dict[str, ModelSpec] = {
         name="DEMO: toy model trained on synthetic phantoms (not for real MRI)",
         configurations=("3d_fullres",),
         dataset="Dataset990_KneePhantom",
+        fold="all",
+        checkpoint="checkpoint_final.pth",
         local_dir=ASSETS_MODELS / "demo_phantom" / "Dataset990_KneePhantom",
-        description="Tiny nnU-Net trained in minutes on the pipeline's synthetic phantoms "
-        "(scripts/train_demo_model.py). Only for trying the app; meaningless on real scans.",
+        description="Tiny nnU-Net (1 mm, 40³ patches) trained in minutes on CPU on the "
+        "pipeline's synthetic right-knee phantoms (scripts/train_demo_model.py). Only for "
+        "trying the app; meaningless on real scans.",
         demo=True,
+        # It labels specks of soft tissue at the field-of-view edges as bone; the published
+        # model's output is used as nnU-Net gives it (no post-processing, like the original app).
+        keep_largest=(L.FEMUR, L.TIBIA, L.PATELLA),
     ),
 }
 
@@ -188,8 +203,10 @@ def get_spec(model: str | None) -> ModelSpec:
 def available_models(*, cache_dir: str | os.PathLike | None = None) -> list[ModelSpec]:
     """Models usable on this host now, without network: local folders present or Hub files
     already cached; plus every model found under ``KNEE_MODEL_DIR``."""
-    out = [s for s in REGISTRY.values() if is_available(s, cache_dir=cache_dir)]
-    return out + [s for s in _env_models() if s.id not in REGISTRY]
+    usable = [s for s in REGISTRY.values() if is_available(s, cache_dir=cache_dir)]
+    local = [s for s in _env_models() if s.id not in REGISTRY]
+    # Demo models last, so a real model is the natural default wherever one exists.
+    return ([s for s in usable if not s.demo] + local + [s for s in usable if s.demo])
 
 
 def model_choices(*, cache_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:
@@ -205,6 +222,23 @@ def model_status(*, cache_dir: str | os.PathLike | None = None) -> list[dict]:
          "configurations": list(s.configurations),
          "available": is_available(s, cache_dir=cache_dir)}
         for s in specs
+    ]
+
+
+def preload_from_hub(ids: list[str] | None = None) -> list[str]:
+    """Entries for a Hugging Face Space's ``preload_from_hub`` README front matter.
+
+    One ``<repo> <file>,<file>,... [revision]`` line per Hub repo, with exactly the files the
+    given registry models (default: all Hub models) need.
+    """
+    files: dict[tuple[str, str], list[str]] = {}
+    for spec in (REGISTRY[i] for i in (ids or list(REGISTRY))):
+        if spec.repo_id:
+            wanted = files.setdefault((spec.repo_id, spec.revision), [])
+            wanted += [f for f in spec.hub_files() if f not in wanted]
+    return [
+        f"{repo} {','.join(names)}" + ("" if revision == "main" else f" {revision}")
+        for (repo, revision), names in files.items()
     ]
 
 

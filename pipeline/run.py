@@ -42,6 +42,7 @@ class Options:
     nsm_bscore_dir: str | None = None  # folder holding the BScore parameter folders
     max_mb: float = 600.0
     device: str = "auto"
+    tta: bool = False  # test-time mirroring (off, as the published model is used)
 
     def __post_init__(self) -> None:
         if self.nsm not in NSM_CHOICES:
@@ -64,14 +65,15 @@ class Options:
         parser.add_argument("--nsm-dir", help="local shape-model folder (instead of the Hub)")
         parser.add_argument("--nsm-bscore-dir", help="folder holding the BScore parameter folders")
         parser.add_argument("--max-mb", type=float, default=600.0, help="upload size limit (MB)")
-        parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        parser.add_argument("--tta", action="store_true", help="test-time mirroring (slower)")
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> Options:
         return cls(
             model=args.model, cart_smooth_var=args.cart_smooth, compute_t2=not args.no_t2,
             nsm=args.nsm, nsm_dir=args.nsm_dir, nsm_bscore_dir=args.nsm_bscore_dir,
-            max_mb=args.max_mb, device=args.device,
+            max_mb=args.max_mb, device=args.device, tta=args.tta,
         )
 
 
@@ -205,6 +207,7 @@ def run(
                 )
             else:
                 seg, model_info = _segment_with_model(loaded, options, track)
+                warnings += model_info.get("warnings", [])
             _check_bones_present(seg)
 
         seg_c = inputs.to_canonical(seg)
@@ -263,18 +266,10 @@ def run(
 
 
 def _segment_with_model(loaded, options: Options, track: _Tracker):
-    try:
-        from . import segment
-    except ImportError:
-        segment = None
-    if segment is None:
-        raise PipelineError(
-            ErrorCode.MODEL_UNAVAILABLE,
-            "no segmentation was uploaded and automatic segmentation is not available in this "
-            "installation; pass --seg with a label map (labels 0–9).",
-        )
+    from . import segment  # imports torch/nnunetv2: only when a model is used
+
     return segment.segment(
-        loaded, options.model, device=options.device,
+        loaded, options.model, device=options.device, use_mirroring=options.tta,
         progress=lambda done, total, detail="": track.sub("Segmentation", done, total, detail),
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import nnunet_tiny as T
@@ -45,6 +46,12 @@ def _fresh_state(monkeypatch):
     monkeypatch.setenv(segment.ENV_THREADS, "1")  # the test hosts are small and shared
     yield
     segment.unload()
+
+
+def _hide_demo(monkeypatch, tmp_path: Path) -> None:
+    """Listings without the shipped demo model (present or not in this checkout)."""
+    demo = replace(models.REGISTRY["demo_phantom"], local_dir=tmp_path / "no_demo")
+    monkeypatch.setitem(models.REGISTRY, "demo_phantom", demo)
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> None:
@@ -104,6 +111,21 @@ def test_single_stage_folder(tiny, knee):
     assert list(info["seconds"]) == ["load", "3d_fullres"]
 
 
+def test_same_result_as_stock_nnunet_predictor(tiny, knee):
+    """Our subclass, shared weights and geometry handling change nothing in the prediction."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    folder = tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"
+    seg, _ = segment.segment(knee, str(folder))
+    stock = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    stock.initialize_from_trained_model_folder(str(folder), (1,), "checkpoint_best.pth")
+    image = sitk.GetArrayFromImage(knee.image)[None].astype(np.float32)
+    expected = stock.predict_single_npy_array(
+        image, {"spacing": list(knee.image.GetSpacing())[::-1]})
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), expected)
+
+
 def test_predictor_reused_between_jobs(tiny, knee):
     _, first = segment.segment(knee, str(tiny))
     predictors = list(segment._STATE.predictors)
@@ -112,6 +134,10 @@ def test_predictor_reused_between_jobs(tiny, knee):
     assert segment.loaded_model_key() == key
     assert all(a is b for a, b in zip(predictors, segment._STATE.predictors, strict=True))
     assert not first["model_reused"] and second["model_reused"]
+    # One copy of the weights in memory: the reloaded parameters share the network's storage.
+    net_params = dict(predictors[0].network.named_parameters())
+    reload = predictors[0].list_of_parameters[0]
+    assert all(reload[k].data_ptr() == p.data_ptr() for k, p in net_params.items())
     assert second["seconds"]["load"] == 0.0
     # Another model replaces it: one model in memory at a time.
     segment.segment(knee, str(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"))
@@ -179,6 +205,19 @@ def test_result_without_tibia_is_refused(tmp_path, knee):
     assert "tibia" in err.value.message
 
 
+def test_keep_largest_component():
+    arr = np.zeros((20, 20, 20), np.uint8)
+    arr[2:10, 2:10, 2:10] = L.FEMUR
+    arr[15:17, 15:17, 15:17] = L.FEMUR  # a speck elsewhere
+    arr[12:14, 2:4, 2:4] = L.FEMORAL_CART
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.5, 0.6, 0.7))
+    out = segment._keep_largest(img, (L.FEMUR, L.TIBIA))
+    kept = sitk.GetArrayFromImage(out)
+    assert (kept == L.FEMUR).sum() == 512 and (kept == L.FEMORAL_CART).sum() == 8
+    assert out.GetSpacing() == img.GetSpacing()
+
+
 # ---------------------------------------------------------------- label names
 
 
@@ -240,6 +279,15 @@ def test_registry_entries():
     assert models.get_spec(None) is cascade
 
 
+def test_preload_from_hub_lines():
+    (line,) = models.preload_from_hub()
+    repo, files = line.split(" ")
+    assert repo == "aagatti/nnunet_knee"
+    assert files.split(",") == list(dict.fromkeys(
+        models.REGISTRY["nnunet_knee"].hub_files()
+        + models.REGISTRY["nnunet_knee_fullres"].hub_files()))
+
+
 def test_local_folder_specs(tiny):
     dataset = models.spec_from_path(tiny)
     assert dataset.configurations == ("3d_lowres", "3d_cascade_fullres")
@@ -277,8 +325,23 @@ def test_unknown_model_and_non_model_folder(tmp_path):
         assert err.value.code is ErrorCode.MODEL_UNAVAILABLE
 
 
+def test_demo_model_listed_last(tiny, monkeypatch, tmp_path):
+    demo_dir = tmp_path / "demo" / "Dataset990_KneePhantom"
+    shutil.copytree(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres",
+                    demo_dir / f"{T.TRAINER}__{T.PLANS}__3d_fullres")
+    spec = models.REGISTRY["demo_phantom"]
+    (demo_dir / f"{T.TRAINER}__{T.PLANS}__3d_fullres" / "fold_1").rename(
+        demo_dir / f"{T.TRAINER}__{T.PLANS}__3d_fullres" / f"fold_{spec.fold}")
+    ckpt = demo_dir / f"{T.TRAINER}__{T.PLANS}__3d_fullres" / f"fold_{spec.fold}"
+    (ckpt / "checkpoint_best.pth").rename(ckpt / spec.checkpoint)
+    monkeypatch.setitem(models.REGISTRY, "demo_phantom", replace(spec, local_dir=demo_dir))
+    monkeypatch.setenv(models.ENV_MODEL_DIR, str(tiny.parent))
+    ids = [s.id for s in models.available_models(cache_dir=tmp_path / "hub")]
+    assert ids == ["local:Dataset500_KneeMRI", "demo_phantom"]
+
+
 def test_env_model_dir_adds_local_models(tiny, monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "ASSETS_MODELS", tmp_path)  # no demo model in the listing
+    _hide_demo(monkeypatch, tmp_path)
     monkeypatch.setenv(models.ENV_MODEL_DIR, str(tiny.parent))
     ids = [s.id for s in models.available_models(cache_dir=tmp_path / "hub")]
     assert "local:Dataset500_KneeMRI" in ids
@@ -343,7 +406,7 @@ def test_hub_model_from_cache_offline(tmp_path, monkeypatch, tiny, knee):
     _fake_hub_cache(tmp_path, tiny)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(models, "ASSETS_MODELS", tmp_path)
+    _hide_demo(monkeypatch, tmp_path)
     assert [s.id for s in models.available_models()] == ["nnunet_knee", "nnunet_knee_fullres"]
     seg, info = segment.segment(knee, "nnunet_knee")
     _same_grid(seg, knee.image)
