@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,15 @@ except ImportError:
 
 import gradio as gr
 
-from app_support import system
+from app_support import system, viewers
 from app_support.config import Settings
-from app_support.service import NSM_LABELS, AnalysisService, has_rows
+from app_support.service import (
+    NSM_LABELS,
+    VIEWERS_EXAMPLE,
+    VIEWERS_PAGE,
+    AnalysisService,
+    has_rows,
+)
 from pipeline.run import Options
 
 ROOT = Path(__file__).resolve().parent
@@ -70,10 +77,25 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         yield from service.analyze(image, segmentation, segmentation_model, shape_model,
                                    cartilage_smoothing, email, research_consent, progress)
 
-    def analyze_example(image: str, segmentation: str, progress: gr.Progress = gr.Progress()):  # noqa: B008
+    def analyze_page(image: str | None, segmentation: str | None, segmentation_model: str | None,
+                     shape_model: str, cartilage_smoothing: float, email: str | None,
+                     research_consent: bool,
+                     progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008
+        # The page's button: /analyze's outputs plus the 3-D, slice and QC viewers.
+        yield from service.analyze(image, segmentation, segmentation_model, shape_model,
+                                   cartilage_smoothing, email, research_consent, progress,
+                                   viewers=VIEWERS_PAGE)
+
+    def analyze_example(image: str, segmentation: str,
+                        progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008
         # Examples fill only the two files; no consent and no e-mail for the demo data.
         yield from service.analyze(image, segmentation, system.USE_OWN_SEG, "none",
-                                   defaults.cart_smooth_var, "", False, progress)
+                                   defaults.cart_smooth_var, "", False, progress,
+                                   viewers=VIEWERS_EXAMPLE)
+
+    def example_followup(zip_path: str | None, model_files: list[str] | None) -> tuple:
+        return viewers.example_followup(EXAMPLE_IMAGE, zip_path, model_files,
+                                        settings.viewer_max_voxels)
 
     def health() -> dict[str, Any]:
         """Version, device/GPU, usable segmentation models and queue length."""
@@ -95,9 +117,9 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                 # job starts, leaving the upload on disk for a day, and would refuse DICOM files
                 # without extension, which the pipeline accepts. The pipeline checks formats.
                 image = gr.File(label="MRI image (.nii, .nii.gz, .nrrd, .mha, .dcm, or .zip of "
-                                "one DICOM series)", type="filepath")
+                                "one DICOM series)", type="filepath", elem_id="knee-image")
                 seg = gr.File(label="Segmentation (optional; label map 0–9 on the image grid)",
-                              type="filepath")
+                              type="filepath", elem_id="knee-seg")
                 model = gr.Dropdown(
                     choices=choices, value=default_model, label="Segmentation model",
                     info="Models usable on this server; an uploaded segmentation is always used.",
@@ -118,14 +140,17 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                     value=True, label="Retain anonymised derived results for research",
                     info="Segmentations, meshes and metrics only; never images or T2 maps.",
                 )
-                run_btn = gr.Button("Analyse", variant="primary")
+                run_btn = gr.Button("Analyse", variant="primary", elem_id="knee-analyse")
+                api_btn = gr.Button(visible=False)  # /analyze: the outputs without viewers
             with gr.Column(scale=2):
-                status = gr.Textbox(label="Status", interactive=False)
-                results_zip = gr.File(label="Results (zip)", interactive=False)
+                status = gr.Textbox(label="Status", interactive=False, elem_id="knee-status")
+                results_zip = gr.File(label="Results (zip)", interactive=False,
+                                      elem_id="knee-results")
                 run_seconds = gr.Number(label="Run time (s)", interactive=False)
                 warnings = gr.Markdown(label="Warnings")
                 thickness = gr.Dataframe(label="Cartilage thickness and volume",
-                                         interactive=False, buttons=["copy", "fullscreen"])
+                                         interactive=False, buttons=["copy", "fullscreen"],
+                                         elem_id="knee-thickness")
                 with gr.Group(visible=False) as t2_box:
                     t2 = gr.Dataframe(label="T2 relaxation (ms)",
                                       interactive=False, buttons=["copy", "fullscreen"])
@@ -135,22 +160,36 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                     provenance = gr.JSON(label="Provenance")
         outputs = [status, results_zip, thickness, t2, shape_table, warnings, run_seconds,
                    provenance]
+        view = viewers.create(settings.viewer_ttl_s)
 
         examples = gr.Examples(
             examples=[[str(EXAMPLE_IMAGE), str(EXAMPLE_SEG)]], inputs=[image, seg],
-            outputs=outputs, fn=analyze_example, cache_examples=True, cache_mode="lazy",
-            example_labels=["Synthetic knee phantom (image + segmentation)"],
+            outputs=outputs + view.model_outputs, fn=analyze_example, cache_examples=True,
+            cache_mode="lazy", example_labels=["Synthetic knee phantom (image + segmentation)"],
         )
         # The lazy example run is a pipeline run too: same one-slot group as /analyze.
         if getattr(examples, "cache_event", None) is not None:
             examples.cache_event.fn.concurrency_id = GPU_GROUP
             examples.cache_event.fn.concurrency_limit = 1
+            # A cached example has no in-memory arrays: load its slice viewer afterwards,
+            # with the 3-D choice and model (see ResultViewers.model_outputs).
+            examples.cache_event.success(example_followup, [results_zip, view.model_files],
+                                         view.example_followup_outputs,
+                                         api_visibility="private")
+            viewers.clear_model_on(view, examples.dataset)
+        viewers.render(view)
         footer = gr.Markdown()
 
+        inputs = [image, seg, model, shape, smooth, email, consent]
+        api_btn.click(analyze, inputs, outputs, api_name="analyze", concurrency_limit=1,
+                      concurrency_id=GPU_GROUP)
         job = run_btn.click(
-            analyze, [image, seg, model, shape, smooth, email, consent], outputs,
-            api_name="analyze", concurrency_limit=1, concurrency_id=GPU_GROUP,
+            analyze_page, inputs, outputs + view.page_outputs,
+            api_name="analyze_page", api_visibility="undocumented", concurrency_limit=1,
+            concurrency_id=GPU_GROUP,
         )
+        viewers.clear_model_on(view, run_btn)
+        viewers.show_model_after(view, job)
         job.success(
             lambda t2_df, shape_df: (gr.update(visible=has_rows(t2_df)),
                                      gr.update(visible=has_rows(shape_df))),

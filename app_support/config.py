@@ -75,6 +75,8 @@ class Settings:
     result_ttl_s: int
     zero_gpu: bool
     gpu_duration_s: int
+    viewer_ttl_s: int = 3600  # how long a session keeps its slice viewer's arrays in memory
+    viewer_max_voxels: int = 24_000_000  # larger volumes are subsampled for the viewer
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -93,6 +95,8 @@ class Settings:
             result_ttl_s=_env_int("KNEE_RESULT_TTL_S", 86400) or 86400,
             zero_gpu=_env_bool("SPACES_ZERO_GPU"),
             gpu_duration_s=_env_int("KNEE_GPU_DURATION_S", 300) or 300,
+            viewer_ttl_s=_env_int("KNEE_VIEWER_TTL_S", 3600) or 3600,
+            viewer_max_voxels=_env_int("KNEE_VIEWER_MAX_VOXELS", 24_000_000) or 24_000_000,
         )
 
     def pin_gradio_temp_dir(self) -> None:

@@ -1,8 +1,10 @@
 """Per-job folders, deleting uploads safely, publishing the zip, and research retention.
 
 Privacy rule: when a job ends (success or failure) nothing derived from the upload's pixels
-stays on disk except the results zip the user downloads (expired by Gradio after
-``KNEE_RESULT_TTL_S``) and, with consent, the derived files copied by ``retain_derived``.
+stays on disk except the results zip the user downloads and the page's pictures and 3-D models
+published beside it (thickness GLBs, thickness map, colour legend: meshes and measurements, no
+image data; all expired by Gradio after ``KNEE_RESULT_TTL_S``) and, with consent, the derived
+files copied by ``retain_derived``. The slice viewer's image data stays in memory only.
 
 Gradio stores uploads content-addressed (``<cache>/<sha256>/<name>``), so byte-identical
 uploads from different people are ONE file. ``UploadRefs`` deletes such a file only when no
@@ -19,6 +21,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -200,9 +203,19 @@ def _without_stem(name: str, stem: str) -> str:
     return name[len(stem) + 1:] if stem and name.startswith(stem + "_") else name
 
 
-def sweep_result_dirs(cache_dir: str | os.PathLike) -> None:
-    """Remove result folders emptied by Gradio's cache expiry (it deletes files, not folders)."""
+def sweep_result_dirs(cache_dir: str | os.PathLike, max_age_s: float | None = None) -> None:
+    """Remove result folders emptied by Gradio's cache expiry (it deletes files, not folders);
+    with ``max_age_s``, first delete their files older than that (a backstop for files the
+    expiry does not know of)."""
+    now = time.time()
     for d in Path(cache_dir).glob(RESULT_PREFIX + "*"):
+        if max_age_s is not None and d.is_dir():
+            for f in d.iterdir():
+                try:
+                    if f.is_file() and now - f.stat().st_mtime > max_age_s:
+                        f.unlink()
+                except OSError:
+                    pass
         try:
             d.rmdir()  # only succeeds when empty
         except OSError:

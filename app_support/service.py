@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -16,7 +17,8 @@ import pipeline
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.run import Options, Result, Step
 
-from . import jobs, system, tables
+from . import jobs, system, tables, visuals
+from . import viewers as result_viewers
 from .config import Settings
 from .runner import RUN_LOCK, Failure, gpu_event_source
 from .stats import StatsDB, footer_markdown
@@ -26,6 +28,10 @@ log = logging.getLogger(__name__)
 NSM_LABELS: list[tuple[str, str]] = [
     ("none", "none"), ("bone + cartilage", "bone_cart"), ("bone only", "bone"), ("both", "both"),
 ]
+# What a job returns besides the 8 API outputs: nothing (/analyze), the 3-D/QC viewers (the
+# cached example: no in-memory state), or those plus the slice viewer (the page's button).
+VIEWERS_NONE, VIEWERS_EXAMPLE, VIEWERS_PAGE = "none", "example", "page"
+N_BASE_OUTPUTS = 8
 
 
 class JobFailed(Exception):
@@ -45,11 +51,18 @@ class AnalysisService:
         self.uploads = jobs.UploadRefs(settings.gradio_temp_dir, protected_files or [])
         self.events = gpu_event_source(settings.zero_gpu, settings.gpu_duration_s)
         self.demo: gr.Blocks | None = None
+        self.last_visual_seconds: float | None = None  # viewer preparation of the last job
+        # Published files a page may never request (e.g. a bone's GLB nobody selected): handed
+        # to Gradio's cache expiry with the files it serves (see ``attach``).
+        self.published: set[str] = set()
 
     def attach(self, demo: gr.Blocks) -> None:
         """Let upload deletion see the jobs waiting in this app's queue."""
         self.demo = demo
         self.uploads.still_queued = lambda path: path in system.queued_paths(demo)
+        file_sets = getattr(demo, "temp_file_sets", None)
+        if isinstance(file_sets, list):  # what ``delete_cache`` expires (and clears at exit)
+            file_sets.append(self.published)
 
     # ------------------------------------------------------------------ analysis
 
@@ -86,8 +99,11 @@ class AnalysisService:
         email: str | None,
         research_consent: bool,
         progress: gr.Progress,
+        *,
+        viewers: str = VIEWERS_NONE,
     ) -> Iterator[tuple]:
-        """Generator behind ``/analyze``: status updates, then every output."""
+        """Generator behind ``/analyze``, the page's button and the example: status updates,
+        then every output (the 8 API outputs, then the viewers' values per ``viewers``)."""
         started = datetime.now(timezone.utc)
         t0 = time.monotonic()
         user_hash = self.stats.user_hash(email)
@@ -95,10 +111,14 @@ class AnalysisService:
         record: dict[str, Any] = {"seg_source": "upload" if segmentation else "model",
                                   "nsm": shape_model}
         final: tuple | None = None
+        cleared = (() if viewers == VIEWERS_NONE
+                   else result_viewers.cleared_values(viewers == VIEWERS_PAGE))
         try:
-            yield ("Starting…", *empty_outputs()[1:])  # clears the previous job's results
+            # Clears the previous job's results (and frees its slice viewer's memory).
+            yield ("Starting…", *empty_outputs()[1:], *cleared)
             final = yield from self._job(image, segmentation, segmentation_model, shape_model,
-                                         cartilage_smoothing, research_consent, progress, record)
+                                         cartilage_smoothing, research_consent, progress, record,
+                                         viewers, N_BASE_OUTPUTS + len(cleared))
         except JobFailed as exc:
             self._record(started, t0, ok=False, code=exc.code, user_hash=user_hash, **record)
             raise gr.Error(str(exc), duration=None, print_exception=False) from None
@@ -123,7 +143,7 @@ class AnalysisService:
         yield final
 
     def _job(self, image, segmentation, model, shape_model, cart_smooth, consent, progress,
-             record: dict) -> Iterator[tuple]:
+             record: dict, viewers: str, n_outputs: int) -> Iterator[tuple]:
         if not image:
             raise PipelineError(ErrorCode.INVALID_PARAMETERS, "upload an MRI image first.")
         options, notes = self._options(model, shape_model, cart_smooth, bool(segmentation))
@@ -134,12 +154,12 @@ class AnalysisService:
                     f"{Path(path).name} is no longer on the server (uploads are deleted after "
                     "each job); please upload it again.",
                 )
-        skip = gr.skip()
+        skips = (gr.skip(),) * (n_outputs - 1)
         with jobs.job_folder(self.settings.work_dir) as out_dir:
             result: Result | None = None
             with RUN_LOCK:
                 run_t0 = time.monotonic()  # after the lock: run time, not waiting time
-                jobs.sweep_result_dirs(self.settings.gradio_temp_dir)
+                jobs.sweep_result_dirs(self.settings.gradio_temp_dir, self.settings.result_ttl_s)
                 last_name = ""
                 for event in self.events(image, out_dir, options, segmentation):
                     if isinstance(event, Step):
@@ -147,7 +167,7 @@ class AnalysisService:
                         progress(event.fraction, desc=desc)
                         if event.name != last_name:  # one status update per stage
                             last_name = event.name
-                            yield (f"Running {desc}…", skip, skip, skip, skip, skip, skip, skip)
+                            yield (f"Running {desc}…", *skips)
                     elif isinstance(event, Failure):
                         if event.detail:
                             log.error("pipeline failed [%s]: %s\n%s", event.code, event.message,
@@ -169,19 +189,37 @@ class AnalysisService:
                     log.exception("research retention failed")  # the user's result still counts
             record["retained"] = retained is not None
             zip_path = jobs.publish_result(result.zip_path, self.settings.gradio_temp_dir)
+            vis = None
+            if viewers != VIEWERS_NONE:
+                # Before the folder goes and before the upload is released (the slice viewer
+                # reads it into memory); pictures and GLBs move next to the zip.
+                stem = result.provenance.get("input", {}).get("stem") or ""
+                vis = visuals.collect(
+                    out_dir, stem, image if viewers == VIEWERS_PAGE else None, zip_path.parent,
+                    max_bytes=int(self.settings.max_upload_mb * 1024**2),
+                    max_voxels=self.settings.viewer_max_voxels,
+                )
+                self.published.update(os.fspath(p) for p in zip_path.parent.iterdir())
+                self.last_visual_seconds = vis.seconds
+                log.info("viewers prepared in %.2f s %s", vis.seconds, vis.timings)
         # The job folder (all intermediate files) is gone here; only the zip remains.
         done = " ".join([f"Done in {seconds:.1f} s.", *notes]
                         + (["Derived results retained for research."] if retained else []))
-        return (
+        base = (
             done,
             str(zip_path),
             tables.thickness_table(result.metrics),
             tables.t2_table(result.metrics),
             tables.shape_table(result.metrics),
-            tables.warnings_markdown(list(result.warnings)),
+            tables.warnings_markdown([*result.warnings, *(vis.notes if vis else [])]),
             seconds,
             dict(result.provenance),
         )
+        if vis is None:
+            return base
+        if viewers == VIEWERS_PAGE:
+            return base + result_viewers.page_values(vis)
+        return base + result_viewers.model_values(vis)
 
     def _record(self, started: datetime, t0: float, *, ok: bool, code: str | None = None,
                 user_hash: str | None = None, seg_source: str | None = None,

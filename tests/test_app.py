@@ -137,7 +137,8 @@ def test_api_lists_endpoints_with_labels(app: App) -> None:
     assert params == ["image", "segmentation", "segmentation_model", "shape_model",
                       "cartilage_smoothing", "email", "research_consent"]
     returns = [r["label"] for r in api["/analyze"]["returns"]]
-    assert returns[:2] == ["Status", "Results (zip)"]
+    assert returns[:2] == ["Status", "Results (zip)"] and len(returns) == 8  # no viewers
+    assert "/analyze_page" not in api  # the page's button: undocumented
     health = app.client.predict(api_name="/health")
     assert health["status"] == "ok" and health["version"]
     assert health["device"] in ("cpu", "cuda")
@@ -223,10 +224,43 @@ def test_three_identical_uploads_run_one_after_another(app: App) -> None:
     app.assert_clean([app.image, app.seg])
 
 
+def test_page_job_adds_viewers_without_keeping_pixels(app: App) -> None:
+    """The Analyse button's event: /analyze's outputs, then the 3-D files, pictures and QC,
+    the 3-D choice and the slice viewer (its arrays stay in the server's session state)."""
+    t0 = time.monotonic()
+    out = app.client.submit(
+        handle_file(str(app.image)), handle_file(str(app.seg)), OWN_SEG, "none", 0.3125, "",
+        False, api_name="/analyze_page").result(timeout=240)
+    wall = time.monotonic() - t0
+    assert out[0].startswith("Done") and len(out) == 8 + 5 + 1 + 4  # the State is not sent
+    files, legend, tmap, qc_md, qc_df, choice, html, axis, slider, overlay = out[8:]
+    assert [Path(f).name for f in files] == [
+        "knee_thickness.glb", "femur_thickness.glb", "tibia_thickness.glb",
+        "patella_thickness.glb"]
+    assert Path(files[0]).read_bytes()[:4] == b"glTF"
+    assert Path(legend).name == "thickness_legend.png"
+    assert Path(tmap).name == "subject_thickness_map.png"
+    assert "plausible: yes" in qc_md
+    assert [r[1] for r in qc_df["data"]][:2] == ["patellar cartilage", "femoral cartilage"]
+    assert choice["value"] == "knee_thickness.glb" and len(choice["choices"]) == 4
+    assert "data:image/png;base64," in html and "sagittal slice" in html
+    assert slider["maximum"] > 1 and overlay["choices"] == [["labels", "labels"],
+                                                           ["none", "none"]]
+    seconds = app.demo.knee_service.last_visual_seconds
+    print(f"\npage job: {wall:.1f} s wall, pipeline {out[6]} s, viewers prepared in "
+          f"{seconds:.2f} s")
+    assert seconds < 10
+    app.assert_clean([app.image, app.seg])
+    pictures = {p.name for p in app.gradio_dir.rglob("*")
+                if p.suffix.lower() in (".png", ".webp", ".jpg", ".jpeg")}
+    assert pictures <= {"subject_thickness_map.png", "thickness_legend.png"}, pictures
+
+
 def test_lazy_example_runs_and_keeps_example_files(app: App) -> None:
     out = app.client.predict(0, api_name="/load_example")  # first use: runs the pipeline
     assert out[0].startswith("Done")
     assert Path(out[1]).name == "knee_phantom_results.zip"
+    assert Path(out[8][0]).name == "knee_thickness.glb"  # viewers' files are cached too
     t0 = time.monotonic()
     again = app.client.predict(0, api_name="/load_example")  # now served from the cache
     assert time.monotonic() - t0 < 5 and again[0] == out[0]
