@@ -5,6 +5,8 @@ One source of truth for every stage, the outputs and the app.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 BACKGROUND = 0
 PATELLAR_CART = 1
 FEMORAL_CART = 2
@@ -71,3 +73,9 @@ LABEL_COLORS: dict[int, tuple[int, int, int]] = {
     MED_POST_FEM_CART: (255, 0, 120),
     LAT_POST_FEM_CART: (160, 80, 255),
 }
+
+
+def missing_bones(present: Iterable[int]) -> list[str]:
+    """Names of the bones every knee analysis needs (femur, tibia) absent from ``present``."""
+    found = set(present)
+    return [LABEL_NAMES[b] for b in (FEMUR, TIBIA) if b not in found]

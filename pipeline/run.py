@@ -275,8 +275,7 @@ def _segment_with_model(loaded, options: Options, track: _Tracker):
 
 
 def _check_bones_present(seg: sitk.Image) -> None:
-    present = set(np.unique(sitk.GetArrayViewFromImage(seg)).tolist())
-    missing = [L.LABEL_NAMES[b] for b in (L.FEMUR, L.TIBIA) if b not in present]
+    missing = L.missing_bones(np.unique(sitk.GetArrayViewFromImage(seg)).tolist())
     if missing:
         raise PipelineError(
             ErrorCode.SEGMENTATION_FAILED,

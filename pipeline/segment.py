@@ -381,7 +381,7 @@ def _keep_largest(seg: sitk.Image, labels: tuple[int, ...]) -> sitk.Image:
 def _result_notes(seg: sitk.Image, resolved: models.ResolvedModel) -> list[str]:
     """Refuse results without femur or tibia; note other missing structures."""
     present = set(np.unique(sitk.GetArrayViewFromImage(seg)).tolist())
-    missing_bones = [L.LABEL_NAMES[b] for b in (L.FEMUR, L.TIBIA) if b not in present]
+    missing_bones = L.missing_bones(present)
     if missing_bones:
         raise PipelineError(
             ErrorCode.SEGMENTATION_FAILED,
