@@ -404,10 +404,6 @@ def _read_header(path: Path):
         return None
 
 
-def _has_pixels(ds) -> bool:
-    return ds is not None and ("PixelData" in ds or (0x7FE0, 0x0010) in ds or "Rows" in ds)
-
-
 def _load_single_dicom(path: Path, stem: str) -> LoadedImage:
     ds = _read_header(path)
     if ds is None:

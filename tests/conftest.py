@@ -23,6 +23,16 @@ def shared_fixture(*parts: str) -> Path:
     return path
 
 
+def isolate_app_env(tmp_path: Path, monkeypatch) -> None:
+    """Point the app's settings (stats DB, retention, work and Gradio folders) into tmp_path."""
+    for name in ("KNEE_APP_HOST", "KNEE_APP_PORT", "KNEE_STATS_SALT", "SPACES_ZERO_GPU"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KNEE_STATS_DB", str(tmp_path / "stats.sqlite"))
+    monkeypatch.setenv("KNEE_RETAIN_DIR", str(tmp_path / "retained"))
+    monkeypatch.setenv("KNEE_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+
+
 @pytest.fixture
 def temp_snapshot():
     """Return a callable listing knee_* temp entries, to prove nothing is left behind."""

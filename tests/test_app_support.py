@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import isolate_app_env
 
 from app_support import jobs, runner, tables
 from app_support.config import Settings
@@ -294,12 +295,7 @@ def test_queued_paths_reads_waiting_events_only(tmp_path: Path) -> None:
 def _service(tmp_path: Path, monkeypatch):
     from app_support.service import AnalysisService
 
-    for name in ("KNEE_APP_HOST", "KNEE_APP_PORT", "KNEE_STATS_SALT", "SPACES_ZERO_GPU"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("KNEE_STATS_DB", str(tmp_path / "stats.sqlite"))
-    monkeypatch.setenv("KNEE_RETAIN_DIR", str(tmp_path / "retained"))
-    monkeypatch.setenv("KNEE_WORK_DIR", str(tmp_path / "work"))
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    isolate_app_env(tmp_path, monkeypatch)
     settings = Settings.from_env()
     (tmp_path / "gradio").mkdir()
     return AnalysisService(settings)

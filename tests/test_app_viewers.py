@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+from conftest import isolate_app_env
 from PIL import Image
 
 from app_support import jobs, slices, viewers, visuals
@@ -257,12 +258,7 @@ def test_page_job_outputs_viewers_and_keeps_pixels_off_disk(tmp_path: Path,
                                                             monkeypatch) -> None:
     from app_support.service import VIEWERS_PAGE, AnalysisService
 
-    for name in ("KNEE_APP_HOST", "KNEE_APP_PORT", "KNEE_STATS_SALT", "SPACES_ZERO_GPU"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("KNEE_STATS_DB", str(tmp_path / "stats.sqlite"))
-    monkeypatch.setenv("KNEE_RETAIN_DIR", str(tmp_path / "retained"))
-    monkeypatch.setenv("KNEE_WORK_DIR", str(tmp_path / "work"))
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    isolate_app_env(tmp_path, monkeypatch)
     service = AnalysisService(Settings.from_env())
     upload = tmp_path / "gradio" / "0123abcd" / "scan.nii.gz"
     upload.parent.mkdir(parents=True)
