@@ -174,6 +174,22 @@ def tibial_thickness(m: np.ndarray, p: np.ndarray, spec: PhantomSpec) -> np.ndar
     return base * (1.0 + spec.tib_dome * np.clip(1.0 - rho**2, 0.0, 1.0))
 
 
+def designed_thickness(points_lps: np.ndarray, bone: str, spec: PhantomSpec) -> np.ndarray:
+    """Designed cartilage thickness (mm) for points on ``bone``'s surface (LPS, N × 3).
+
+    The ground truth that measured thickness at bone-mesh vertices is compared with.
+    """
+    m, s, p = to_local(points_lps, spec)
+    if bone == "femur":
+        return femoral_thickness(m, spec)
+    if bone == "tibia":
+        _, p_t = tibia_frame(s, p, spec)
+        return tibial_thickness(m, p_t, spec)
+    if bone == "patella":
+        return np.full(len(m), spec.pat_cart_mm)
+    raise ValueError(f"unknown bone {bone!r}")
+
+
 def _layout(spec: PhantomSpec) -> dict[str, float]:
     t_f = max(spec.fem_cart_mm)
     t_t = max(spec.tib_cart_mm) * (1.0 + spec.tib_dome)

@@ -11,6 +11,10 @@ One deliberate difference: cartilage surfaces are not re-meshed watertight with
 point-cloud-utils (pymskt's default ``fix_method="pcu"``). Marching cubes of a smoothed mask
 is already closed; on phantoms the per-region means differ by ≤ 0.003 mm while the stage runs
 ≈ 20× faster (see the closing notes of the morphometry issue).
+
+pymskt refuses objects below a fixed voxel count (5,000 for a bone, 1,000 for a cartilage
+label), which on a 1 mm grid rejects a normal patellar cartilage plate and crashes the
+subregion pass on coarse scans. The minimums here are physical volumes instead.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from . import labels as L
 
 THICKNESS_ARRAY = "thickness (mm)"
 REGION_ARRAY = "labels"
+MIN_BONE_MM3 = 500.0  # smaller than any patella: a fragment, not a bone
+MIN_CART_MM3 = 10.0  # a few voxels at 1 mm: too small for a surface
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,37 @@ def _present(seg_arr: np.ndarray, labels_: tuple[int, ...]) -> list[int]:
     return [int(lab) for lab in labels_ if np.any(seg_arr == lab)]
 
 
+def _voxel_mm3(image: sitk.Image) -> float:
+    return float(np.prod(image.GetSpacing()))
+
+
+def _large_enough(seg: sitk.Image, labels_: list[int], notes: list[str], what: str) -> list[int]:
+    """Labels holding at least MIN_CART_MM3; a note names each one dropped."""
+    seg_arr, vox = sitk.GetArrayViewFromImage(seg), _voxel_mm3(seg)
+    kept = []
+    for lab in labels_:
+        volume = float(np.count_nonzero(seg_arr == lab)) * vox
+        if volume >= MIN_CART_MM3:
+            kept.append(lab)
+        else:
+            name = L.REGION_KEYS.get(lab, L.LABEL_NAMES.get(lab, str(lab)))
+            notes.append(f"{what} {name} (label {lab}) holds only {volume:.1f} mm³: "
+                         "too small for a surface, its thickness is NaN.")
+    return kept
+
+
+def _cartilage_meshes(bone, seg: sitk.Image, labels_: list[int], smooth_var: float) -> None:
+    """pymskt's ``create_cartilage_meshes`` with a physical, not voxel-count, minimum size."""
+    from pymskt.mesh import CartilageMesh
+
+    meshes = []
+    for lab in labels_:
+        mesh = CartilageMesh(seg_image=seg, label_idx=lab, min_n_pixels=1)
+        mesh.create_mesh(smooth_image_var=smooth_var)
+        meshes.append(mesh)
+    bone.list_cartilage_meshes = meshes
+
+
 def mesh_bone(
     seg: sitk.Image,
     subregions: sitk.Image,
@@ -110,18 +147,24 @@ def mesh_bone(
 
     seg_arr = sitk.GetArrayViewFromImage(seg)
     notes: list[str] = []
-    if not np.any(seg_arr == spec.bone_label):
+    bone_mm3 = float(np.count_nonzero(seg_arr == spec.bone_label)) * _voxel_mm3(seg)
+    if bone_mm3 == 0:
         notes.append(f"{spec.name} (label {spec.bone_label}) not in the segmentation: "
                      f"no {spec.name} surface or thickness.")
+        return None, notes
+    if bone_mm3 < MIN_BONE_MM3:
+        notes.append(f"{spec.name} (label {spec.bone_label}) holds only {bone_mm3:.0f} mm³ "
+                     f"(< {MIN_BONE_MM3:.0f}): no {spec.name} surface or thickness.")
         return None, notes
     carts = _present(seg_arr, spec.cartilage_labels)
     missing = sorted(set(spec.cartilage_labels) - set(carts))
     for lab in missing:
         notes.append(f"{L.LABEL_NAMES[lab]} (label {lab}) is empty: its thickness is NaN.")
+    carts = _large_enough(seg, carts, notes, "cartilage")
     with quiet_native_output():
         bone = BoneMesh(
             seg_image=seg, label_idx=spec.bone_label, list_cartilage_labels=carts or None,
-            bone=spec.name, crop_percent=spec.crop_percent,
+            bone=spec.name, crop_percent=spec.crop_percent, min_n_pixels=1,
         )
         bone.create_mesh(smooth_image_var=bone_smooth_var)
         bone.resample_surface(clusters=spec.n_points)
@@ -131,15 +174,15 @@ def mesh_bone(
             bone.point_data[THICKNESS_ARRAY] = np.zeros(n)
             bone.point_data[REGION_ARRAY] = np.zeros(n, dtype=int)
             return BoneResult(spec, bone), notes
-        bone.create_cartilage_meshes(image_smooth_var_cart=cart_smooth_var, fix_method=None)
+        _cartilage_meshes(bone, seg, carts, cart_smooth_var)
         bone.calc_cartilage_thickness(image_smooth_var_cart=cart_smooth_var)
         thickness_meshes = list(zip(carts, bone.list_cartilage_meshes, strict=True))
 
         sub_arr = sitk.GetArrayViewFromImage(subregions)
-        regions = _present(sub_arr, spec.region_labels)
+        regions = _large_enough(subregions, _present(sub_arr, spec.region_labels), notes, "region")
         bone.seg_image = subregions
         bone.list_cartilage_labels = regions
-        bone.create_cartilage_meshes(image_smooth_var_cart=cart_smooth_var, fix_method=None)
+        _cartilage_meshes(bone, subregions, regions, cart_smooth_var)
         bone.assign_cartilage_regions(image_smooth_var_cart=cart_smooth_var)
         cart_meshes = list(zip(regions, bone.list_cartilage_meshes, strict=True))
     return BoneResult(spec, bone, cart_meshes, thickness_meshes, tuple(carts)), notes
