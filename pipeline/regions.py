@@ -181,8 +181,11 @@ def femoral_subregions(
             "femur could not be aligned to the reference knee (femoral cartilage left the "
             "reference field of view); check the femur label.",
         )
-    notch_ml, notch_ap = getAnteriorOfWeightBearing(aligned_arr, femurIndex=L.FEMORAL_CART)
-    post = int(np.max(np.nonzero(aligned_arr == L.FEMORAL_CART)[2]))
+    # Landmarks (notch, posterior end) from the main femoral cartilage piece only: one stray
+    # speck behind the condyles would otherwise move every weight-bearing boundary.
+    landmarks = _main_piece(aligned_arr, L.FEMORAL_CART)
+    notch_ml, notch_ap = getAnteriorOfWeightBearing(landmarks, femurIndex=L.FEMORAL_CART)
+    post = int(np.max(np.nonzero(landmarks == L.FEMORAL_CART)[2]))
     post_wb = int(np.round((post - notch_ap) * wb_region_percent_dist + notch_ap))
     with warnings.catch_warnings():
         # pymskt averages empty A/P slices ("Mean of empty slice"); harmless, as upstream notes.
@@ -203,6 +206,17 @@ def femoral_subregions(
     result = sitk.GetImageFromArray(out.astype(np.uint8))
     result.CopyInformation(seg)
     return result
+
+
+def _main_piece(arr: np.ndarray, label: int) -> np.ndarray:
+    """``arr`` with every ``label`` voxel outside the largest 26-connected component removed."""
+    components, n = ndi.label(arr == label, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return arr
+    largest = 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+    out = arr.copy()
+    out[(components > 0) & (components != largest)] = 0
+    return out
 
 
 def _split(fn, aligned_arr: np.ndarray, notch_ap: int, post_wb: int, notch_ml: int) -> np.ndarray:
