@@ -173,9 +173,10 @@ REGISTRY: dict[str, ModelSpec] = {
         "pipeline's synthetic right-knee phantoms (scripts/train_demo_model.py). Only for "
         "trying the app; meaningless on real scans.",
         demo=True,
-        # It labels specks of soft tissue at the field-of-view edges as bone; the published
-        # model's output is used as nnU-Net gives it (no post-processing, like the original app).
-        keep_largest=(L.FEMUR, L.TIBIA, L.PATELLA),
+        # It labels specks of soft tissue at the field-of-view edges as bone and leaves
+        # cartilage specks; every phantom structure is one piece. The published model's output
+        # is used as nnU-Net gives it (no post-processing, like the original app).
+        keep_largest=L.SEG_LABELS,
     ),
 }
 

@@ -392,8 +392,8 @@ def _result_notes(seg: sitk.Image, resolved: models.ResolvedModel) -> list[str]:
     notes = []
     if resolved.spec.demo:
         notes.append(
-            f"segmented with {resolved.spec.name}: a toy model trained on synthetic phantoms; "
-            "its output on real MRI is meaningless."
+            f"segmented with the demo model {resolved.spec.id!r}, a toy model trained only on "
+            "synthetic phantoms: its output on real MRI is meaningless."
         )
     absent = [L.LABEL_NAMES[v] for v in L.SEG_LABELS
               if v not in present and L.LABEL_NAMES[v] not in resolved.missing_labels]
