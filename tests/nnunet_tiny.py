@@ -125,8 +125,13 @@ def write_stage(
     plans: dict | None = None,
     trainer: str = TRAINER,
     plans_name: str = PLANS,
+    optimizer_state: bool = False,
 ) -> Path:
-    """Write one trained-model folder; ``bias`` adds to output-channel biases (model values)."""
+    """Write one trained-model folder; ``bias`` adds to output-channel biases (model values).
+
+    ``optimizer_state`` also stores SGD momentum buffers, as nnU-Net's own (unslimmed) training
+    checkpoints do: about twice the file size, read but unused by the predictor.
+    """
     import torch
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -150,17 +155,21 @@ def write_stage(
         with torch.no_grad():
             for channel, value in bias.items():
                 net.decoder.seg_layers[-1].bias[channel] += value
-    torch.save(
-        {
-            "network_weights": net.state_dict(),
-            "init_args": {"plans": plans, "configuration": configuration, "fold": fold,
-                          "dataset_json": dj, "device": "cpu"},
-            "trainer_name": trainer,
-            "inference_allowed_mirroring_axes": (0, 1, 2),
-            "current_epoch": 1,
-        },
-        folder / f"fold_{fold}" / checkpoint,
-    )
+    content = {
+        "network_weights": net.state_dict(),
+        "init_args": {"plans": plans, "configuration": configuration, "fold": fold,
+                      "dataset_json": dj, "device": "cpu"},
+        "trainer_name": trainer,
+        "inference_allowed_mirroring_axes": (0, 1, 2),
+        "current_epoch": 1,
+    }
+    if optimizer_state:  # nnUNetTrainer's optimizer: SGD, momentum 0.99, Nesterov
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-2, weight_decay=3e-5, momentum=0.99,
+                                    nesterov=True)
+        for p in net.parameters():
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        content["optimizer_state"] = optimizer.state_dict()
+    torch.save(content, folder / f"fold_{fold}" / checkpoint)
     return folder
 
 
