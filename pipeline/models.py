@@ -169,9 +169,10 @@ REGISTRY: dict[str, ModelSpec] = {
         fold="all",
         checkpoint="checkpoint_final.pth",
         local_dir=ASSETS_MODELS / "demo_phantom" / "Dataset990_KneePhantom",
-        description="Tiny nnU-Net (1 mm, 40³ patches) trained in minutes on CPU on the "
-        "pipeline's synthetic right-knee phantoms (scripts/train_demo_model.py). Only for "
-        "trying the app; meaningless on real scans.",
+        description="Tiny nnU-Net (0.3 M parameters, 1 × 0.7 × 0.7 mm, 80×56×56 patches) "
+        "trained for about 75 minutes on one CPU core on the pipeline's synthetic right-knee "
+        "phantoms (scripts/train_demo_model.py). Only for trying the app; meaningless on real "
+        "scans.",
         demo=True,
         # It labels specks of soft tissue at the field-of-view edges as bone and leaves
         # cartilage specks; every phantom structure is one piece. The published model's output
