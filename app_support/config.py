@@ -16,24 +16,16 @@ def _env_str(name: str) -> str | None:
     return value or None
 
 
-def _env_int(name: str, default: int | None) -> int | None:
+def _env_number(name: str, default, parse=int):
+    """``parse`` (int or float) of the variable's value; ``default`` when unset."""
     raw = _env_str(name)
     if raw is None:
         return default
     try:
-        return int(raw)
+        return parse(raw)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = _env_str(name)
-    if raw is None:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+        kind = "an integer" if parse is int else "a number"
+        raise ValueError(f"{name} must be {kind}, got {raw!r}") from None
 
 
 def _env_bool(name: str, default: bool = False) -> bool:
@@ -82,9 +74,9 @@ class Settings:
     def from_env(cls) -> Settings:
         return cls(
             host=_env_str("KNEE_APP_HOST"),
-            port=_env_int("KNEE_APP_PORT", None),
-            max_upload_mb=_env_float("KNEE_MAX_UPLOAD_MB", 600.0),
-            queue_max=_env_int("KNEE_QUEUE_MAX", 8) or 8,
+            port=_env_number("KNEE_APP_PORT", None),
+            max_upload_mb=_env_number("KNEE_MAX_UPLOAD_MB", 600.0, float),
+            queue_max=_env_number("KNEE_QUEUE_MAX", 8) or 8,
             stats_db=Path(_env_str("KNEE_STATS_DB") or default_stats_db()),
             stats_salt=_env_str("KNEE_STATS_SALT"),
             retain_dir=Path(_env_str("KNEE_RETAIN_DIR") or default_retain_dir()),
@@ -92,11 +84,11 @@ class Settings:
             gradio_temp_dir=Path(
                 _env_str("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio"
             ).resolve(),
-            result_ttl_s=_env_int("KNEE_RESULT_TTL_S", 86400) or 86400,
+            result_ttl_s=_env_number("KNEE_RESULT_TTL_S", 86400) or 86400,
             zero_gpu=_env_bool("SPACES_ZERO_GPU"),
-            gpu_duration_s=_env_int("KNEE_GPU_DURATION_S", 300) or 300,
-            viewer_ttl_s=_env_int("KNEE_VIEWER_TTL_S", 3600) or 3600,
-            viewer_max_voxels=_env_int("KNEE_VIEWER_MAX_VOXELS", 24_000_000) or 24_000_000,
+            gpu_duration_s=_env_number("KNEE_GPU_DURATION_S", 300) or 300,
+            viewer_ttl_s=_env_number("KNEE_VIEWER_TTL_S", 3600) or 3600,
+            viewer_max_voxels=_env_number("KNEE_VIEWER_MAX_VOXELS", 24_000_000) or 24_000_000,
         )
 
     def pin_gradio_temp_dir(self) -> None:
