@@ -20,20 +20,14 @@ import gradio as gr
 
 from app_support import system, viewers
 from app_support.config import Settings
-from app_support.service import (
-    NSM_LABELS,
-    VIEWERS_EXAMPLE,
-    VIEWERS_PAGE,
-    AnalysisService,
-    has_rows,
-)
+from app_support.service import N_BASE_OUTPUTS, NSM_LABELS, AnalysisService, has_rows
 from pipeline.run import Options
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = ROOT / "assets" / "examples"
 EXAMPLE_IMAGE = EXAMPLES / "knee_phantom.nii.gz"
 EXAMPLE_SEG = EXAMPLES / "knee_phantom_seg.nii.gz"
-GPU_GROUP = "gpu"  # every event that runs the pipeline shares this one-slot group
+JOBS_GROUP = "jobs"  # events that submit and follow pipeline jobs
 
 INTRO = """# Knee MRI analysis
 Cartilage thickness and volume per region, qDESS T2 maps and (optionally) shape-model scores
@@ -41,8 +35,8 @@ from a knee MRI. Upload an image and a segmentation (labels 0–9), or let a mod
 """
 DISCLAIMER = """> **Research use only.** Not a medical device; results must not be used for
 > diagnosis or treatment. **Upload de-identified data only**: remove names, IDs and dates from
-> file names and DICOM headers before uploading. Uploads and intermediate images are deleted
-> when the job ends; the results zip expires after {ttl}.
+> file names and DICOM headers before uploading. Uploads are deleted when the job finishes,
+> when you close the page, or after {orphan} unused; the results zip expires after {ttl}.
 """
 CPU_WARNING = """⚠️ **No GPU on this server.** Automatic segmentation runs on the CPU and can
 take many minutes per scan; with your own segmentation a job takes well under a minute."""
@@ -53,7 +47,8 @@ def _duration(seconds: int) -> str:
 
 
 def build_demo(settings: Settings | None = None) -> gr.Blocks:
-    """The whole page, with its queue configured; ``launch()`` it (tests pass a free port)."""
+    """The whole page, with its queue configured; ``launch()`` it (tests pass a free port).
+    Starts the pipeline's worker process; ``demo.knee_service.close()`` stops it."""
     settings = settings or Settings.from_env()
     settings.pin_gradio_temp_dir()  # before any Blocks exists: Gradio reads it at creation
     service = AnalysisService(settings, protected_files=[EXAMPLE_IMAGE, EXAMPLE_SEG])
@@ -61,6 +56,8 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
     choices = system.segmentation_choices(models)
     default_model = system.default_segmentation_choice(models)
     defaults = Options()
+    # Handlers only follow jobs (the queue runs them): room for every job that may wait.
+    followers = settings.queue_max + 2
 
     # Parameter defaults become the API's defaults: a client may send only the image.
     def analyze(
@@ -70,35 +67,66 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         shape_model: str = "none",
         cartilage_smoothing: float = defaults.cart_smooth_var,
         email: str | None = "",
-        research_consent: bool = True,
+        research_consent: bool = False,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's injection idiom
+        request: gr.Request = None,
     ):
-        """Analyse one knee MRI; streams the current step, then all results."""
+        """Analyse one knee MRI: segmentation, regional cartilage thickness and volume, qDESS
+        T2 and shape-model scores. Streams the job id and its current step, then the results.
+
+        Args:
+            image: the knee MRI (.nii/.nii.gz, .nrrd, .mha, a 3-D .dcm, or a .zip of one
+                DICOM series); a URL works too.
+            segmentation: optional label map on the image grid (1 patellar, 2 femoral, 3/4
+                medial/lateral tibial cartilage, 5/6 menisci, 7 femur, 8 tibia, 9 patella).
+            segmentation_model: a model id listed by /health, or "use my segmentation".
+            shape_model: none, bone_cart, bone or both.
+            cartilage_smoothing: Gaussian variance (mm^2) for the cartilage surfaces.
+            email: optional; stored only as a salted hash to count users.
+            research_consent: keep anonymised derived results (never images) for research;
+                off unless set.
+
+        Returns:
+            Status (with the job id), the results zip, thickness, T2 and shape tables,
+            warnings, run seconds and provenance.
+        """
         yield from service.analyze(image, segmentation, segmentation_model, shape_model,
-                                   cartilage_smoothing, email, research_consent, progress)
+                                   cartilage_smoothing, email, research_consent, progress,
+                                   request)
 
     def analyze_page(image: str | None, segmentation: str | None, segmentation_model: str | None,
                      shape_model: str, cartilage_smoothing: float, email: str | None,
-                     research_consent: bool,
-                     progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008
+                     research_consent: bool, request: gr.Request = None) -> Iterator[tuple]:
         # The page's button: /analyze's outputs plus the 3-D, slice and QC viewers.
-        yield from service.analyze(image, segmentation, segmentation_model, shape_model,
-                                   cartilage_smoothing, email, research_consent, progress,
-                                   viewers=VIEWERS_PAGE)
+        yield from service.analyze_page(image, segmentation, segmentation_model, shape_model,
+                                        cartilage_smoothing, email, research_consent,
+                                        request=request)
 
     def analyze_example(image: str, segmentation: str,
-                        progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:  # noqa: B008
-        # Examples fill only the two files; no consent and no e-mail for the demo data.
-        yield from service.analyze(image, segmentation, system.USE_OWN_SEG, "none",
-                                   defaults.cart_smooth_var, "", False, progress,
-                                   viewers=VIEWERS_EXAMPLE)
+                        request: gr.Request = None) -> Iterator[tuple]:
+        # The bundled example: its two files, no consent and no e-mail.
+        yield from service.analyze_page(image, segmentation, system.USE_OWN_SEG, "none",
+                                        defaults.cart_smooth_var, "", False, request=request)
 
-    def example_followup(zip_path: str | None, model_files: list[str] | None) -> tuple:
-        return viewers.example_followup(EXAMPLE_IMAGE, zip_path, model_files,
-                                        settings.viewer_max_voxels)
+    def result(job_id: str):
+        """The results of an earlier job, by the id its first Status line gave
+        ("job <ID>"); the same outputs as /analyze. Raises [JOB_RUNNING] (with its position
+        or step) while it is not finished, [JOB_UNKNOWN] for a wrong or expired id.
+
+        Args:
+            job_id: the job id (22 characters) from the Status line.
+        """
+        return service.result(job_id)
+
+    def from_link(request: gr.Request = None) -> tuple:
+        # A ``?job=ID`` link: fill the box and show that job's results.
+        job_id = (request.query_params.get("job", "") if request is not None else "").strip()
+        if not job_id:
+            return (gr.skip(),) * (1 + N_BASE_OUTPUTS)
+        return (job_id, *service.result_page(job_id))
 
     def health() -> dict[str, Any]:
-        """Version, device/GPU, usable segmentation models and queue length."""
+        """Version, device/GPU, usable segmentation models, queue length and worker state."""
         return service.health()
 
     def stats() -> dict[str, Any]:
@@ -108,14 +136,14 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
     with gr.Blocks(title="Knee MRI analysis",
                    delete_cache=(3600, settings.result_ttl_s)) as demo:
         gr.Markdown(INTRO)
-        gr.Markdown(DISCLAIMER.format(ttl=_duration(settings.result_ttl_s)))
-        if system.device_info()["device"] != "cuda" and not settings.zero_gpu:
+        gr.Markdown(DISCLAIMER.format(ttl=_duration(settings.result_ttl_s),
+                                        orphan=_duration(settings.orphan_upload_s)))
+        if service.device_info()["device"] == "cpu":
             gr.Markdown(CPU_WARNING)
         with gr.Row():
             with gr.Column(scale=1):
-                # No file_types filter on purpose: Gradio would refuse a wrong type before the
-                # job starts, leaving the upload on disk for a day, and would refuse DICOM files
-                # without extension, which the pipeline accepts. The pipeline checks formats.
+                # No file_types filter on purpose: Gradio would refuse DICOM files without
+                # extension, which the pipeline accepts. The pipeline checks formats.
                 image = gr.File(label="MRI image (.nii, .nii.gz, .nrrd, .mha, .dcm, or .zip of "
                                 "one DICOM series)", type="filepath", elem_id="knee-image")
                 seg = gr.File(label="Segmentation (optional; label map 0–9 on the image grid)",
@@ -137,88 +165,135 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                     "shared.",
                 )
                 consent = gr.Checkbox(
-                    value=True, label="Retain anonymised derived results for research",
-                    info="Segmentations, meshes and metrics only; never images or T2 maps.",
+                    value=False, label="Retain anonymised derived results for research",
+                    info="Off unless you tick it. Segmentations, meshes and metrics only; never "
+                    "images or T2 maps.", elem_id="knee-consent",
                 )
                 run_btn = gr.Button("Analyse", variant="primary", elem_id="knee-analyse")
                 api_btn = gr.Button(visible=False)  # /analyze: the outputs without viewers
+                with gr.Accordion("Results of an earlier job", open=False):
+                    job_box = gr.Textbox(label="Job id", elem_id="knee-job-id",
+                                         placeholder="the id after 'job' in Status")
+                    fetch_btn = gr.Button("Show results", elem_id="knee-fetch")
+                    gr.Markdown("A job runs to the end even if you close the page; its results "
+                                f"stay available for {_duration(settings.result_ttl_s)} "
+                                "(also as a link: this page's address + `?job=ID`).")
+                result_api_btn = gr.Button(visible=False)
             with gr.Column(scale=2):
-                status = gr.Textbox(label="Status", interactive=False, elem_id="knee-status")
-                results_zip = gr.File(label="Results (zip)", interactive=False,
-                                      elem_id="knee-results")
-                run_seconds = gr.Number(label="Run time (s)", interactive=False)
-                warnings = gr.Markdown(label="Warnings")
-                thickness = gr.Dataframe(label="Cartilage thickness and volume",
-                                         interactive=False, buttons=["copy", "fullscreen"],
-                                         elem_id="knee-thickness")
-                with gr.Group(visible=False) as t2_box:
-                    t2 = gr.Dataframe(label="T2 relaxation (ms)",
-                                      interactive=False, buttons=["copy", "fullscreen"])
-                with gr.Group(visible=False) as shape_box:
-                    shape_table = gr.Dataframe(label="Shape model results", interactive=False)
-                with gr.Accordion("Provenance", open=False):
-                    provenance = gr.JSON(label="Provenance")
+                status = gr.Textbox(label="Status", interactive=False, elem_id="knee-status",
+                                    placeholder="Upload an MRI and click Analyse.", lines=2)
+                with gr.Column(visible=False) as results_box:
+                    results_zip = gr.File(label="Results (zip)", interactive=False,
+                                          elem_id="knee-results")
+                    run_seconds = gr.Number(label="Run time (s)", interactive=False)
+                    warnings = gr.Markdown(label="Warnings")
+                    thickness = gr.Dataframe(label="Cartilage thickness and volume",
+                                             interactive=False, buttons=["copy", "fullscreen"],
+                                             elem_id="knee-thickness")
+                    with gr.Group(visible=False) as t2_box:
+                        t2 = gr.Dataframe(label="T2 relaxation (ms)",
+                                          interactive=False, buttons=["copy", "fullscreen"])
+                    with gr.Group(visible=False) as shape_box:
+                        shape_table = gr.Dataframe(label="Shape model results",
+                                                   interactive=False)
+                    with gr.Accordion("Provenance", open=False):
+                        provenance = gr.JSON(label="Provenance")
         outputs = [status, results_zip, thickness, t2, shape_table, warnings, run_seconds,
                    provenance]
         view = viewers.create(settings.viewer_ttl_s)
-
         examples = gr.Examples(
             examples=[[str(EXAMPLE_IMAGE), str(EXAMPLE_SEG)]], inputs=[image, seg],
-            outputs=outputs + view.model_outputs, fn=analyze_example, cache_examples=True,
-            cache_mode="lazy", example_labels=["Synthetic knee phantom (image + segmentation)"],
+            cache_examples=False,
+            example_labels=["Synthetic knee phantom (image + segmentation): click to run"],
         )
-        # The lazy example run is a pipeline run too: same one-slot group as /analyze.
-        if getattr(examples, "cache_event", None) is not None:
-            examples.cache_event.fn.concurrency_id = GPU_GROUP
-            examples.cache_event.fn.concurrency_limit = 1
-            # A cached example has no in-memory arrays: load its slice viewer afterwards,
-            # with the 3-D choice and model (see ResultViewers.model_outputs).
-            examples.cache_event.success(example_followup, [results_zip, view.model_files],
-                                         view.example_followup_outputs,
-                                         api_visibility="private")
-            viewers.clear_model_on(view, examples.dataset)
-        viewers.render(view)
-        footer = gr.Markdown()
+        with gr.Column(visible=False) as viewers_box:
+            viewers.render(view)
+        footer = gr.Markdown(elem_id="knee-footer")
+
+        quiet: dict[str, Any] = {"queue": False, "show_progress": "hidden",
+                                 "api_visibility": "private"}
+
+        def reveal(status_text: str, t2_df, shape_df) -> tuple:
+            ok = (status_text or "").startswith("Done")
+            return (gr.update(visible=ok), gr.update(visible=ok and has_rows(t2_df)),
+                    gr.update(visible=ok and has_rows(shape_df)))
+
+        def after(event, with_viewers: bool) -> None:
+            event.then(reveal, [status, t2, shape_table], [results_box, t2_box, shape_box],
+                       **quiet)
+            if with_viewers:
+                viewers.show_model_after(view, event)
+                event.then(lambda s: gr.update(visible=(s or "").startswith("Done")),
+                           [status], [viewers_box], **quiet)
+            event.then(service.footer, None, footer, **quiet)
 
         inputs = [image, seg, model, shape, smooth, email, consent]
-        api_btn.click(analyze, inputs, outputs, api_name="analyze", concurrency_limit=1,
-                      concurrency_id=GPU_GROUP)
-        job = run_btn.click(
-            analyze_page, inputs, outputs + view.page_outputs,
-            api_name="analyze_page", api_visibility="undocumented", concurrency_limit=1,
-            concurrency_id=GPU_GROUP,
-        )
+        jobs_group = {"concurrency_limit": followers, "concurrency_id": JOBS_GROUP,
+                      "show_progress": "hidden"}
+        api_job = api_btn.click(analyze, inputs, outputs, api_name="analyze", **jobs_group)
+        after(api_job, with_viewers=False)
+        page_job = run_btn.click(analyze_page, inputs, outputs + view.page_outputs,
+                                 api_name="analyze_page", api_visibility="undocumented",
+                                 **jobs_group)
         viewers.clear_model_on(view, run_btn)
-        viewers.show_model_after(view, job)
-        job.success(
-            lambda t2_df, shape_df: (gr.update(visible=has_rows(t2_df)),
-                                     gr.update(visible=has_rows(shape_df))),
-            [t2, shape_table], [t2_box, shape_box], queue=False, api_visibility="private",
-        )
-        job.then(service.footer, None, footer, queue=False, api_visibility="private")
-        demo.load(service.footer, None, footer, queue=False, api_visibility="private")
+        after(page_job, with_viewers=True)
+        example_job = examples.load_input_event.then(
+            analyze_example, [image, seg], outputs + view.page_outputs,
+            api_visibility="private", **jobs_group)
+        after(example_job, with_viewers=True)
+
+        fetched = fetch_btn.click(service.result_page, [job_box], outputs, **quiet)
+        after(fetched, with_viewers=False)
+        result_api_btn.click(result, [job_box], outputs, api_name="result", queue=False)
+        linked = demo.load(from_link, None, [job_box, *outputs], **quiet)
+        after(linked, with_viewers=False)
+
+        for upload in (image, seg):
+            upload.upload(service.upload_seen, [upload], None, **quiet)
+        demo.unload(service.session_closed)
+        demo.load(service.footer, None, footer, **quiet)
         gr.api(stats, api_name="stats", queue=False)
         gr.api(health, api_name="health", queue=False)
 
-    demo.queue(default_concurrency_limit=1, max_size=settings.queue_max)
+    # Gradio's own queue only holds events waiting for a following slot; the job queue
+    # (KNEE_QUEUE_MAX, with its explained QUEUE_FULL) is the real limit.
+    demo.queue(default_concurrency_limit=1, max_size=settings.queue_max * 4)
     service.attach(demo)
     demo.knee_service = service  # for tests and operators' shells
     demo.knee_settings = settings
     return demo
 
 
+def launch_options(settings: Settings) -> dict[str, Any]:
+    """``demo.launch`` keywords of the real app (tests use them too)."""
+    allowed = [str(EXAMPLES)]
+    if os.environ.get("GRADIO_EXAMPLES_CACHE"):
+        allowed.append(os.environ["GRADIO_EXAMPLES_CACHE"])
+    return {
+        "server_name": settings.host, "server_port": settings.port,
+        "max_file_size": int(settings.max_upload_mb * 1024**2), "allowed_paths": allowed,
+        "run_history": settings.run_history, "mcp_server": mcp_available(),
+    }
+
+
+def mcp_available() -> bool:
+    """Gradio's MCP server needs the ``mcp`` package (``gradio[mcp]``)."""
+    try:
+        import mcp  # noqa: F401
+    except ImportError:
+        logging.getLogger(__name__).warning("mcp is not installed: no MCP server")
+        return False
+    return True
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     demo = build_demo()
-    settings: Settings = demo.knee_settings
-    allowed = [str(EXAMPLES)]
-    if os.environ.get("GRADIO_EXAMPLES_CACHE"):  # cached example outputs are served from there
-        allowed.append(os.environ["GRADIO_EXAMPLES_CACHE"])
-    demo.launch(
-        server_name=settings.host, server_port=settings.port,
-        max_file_size=int(settings.max_upload_mb * 1024**2), allowed_paths=allowed,
-    )
+    try:
+        demo.launch(**launch_options(demo.knee_settings))
+    finally:
+        demo.knee_service.close()
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ class Settings:
     gpu_duration_s: int
     viewer_ttl_s: int = 3600  # how long a session keeps its slice viewer's arrays in memory
     viewer_max_voxels: int = 24_000_000  # larger volumes are subsampled for the viewer
+    job_timeout_s: float = 1800.0  # a job running longer is stopped with TIMEOUT
+    orphan_upload_s: int = 1800  # an upload no job used is deleted after this long
+    sweep_interval_s: float = 30.0  # how often orphan uploads are looked for
+    run_history: bool = False  # Gradio's run-history page (off: medical data)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -89,15 +93,19 @@ class Settings:
             gpu_duration_s=_env_number("KNEE_GPU_DURATION_S", 300) or 300,
             viewer_ttl_s=_env_number("KNEE_VIEWER_TTL_S", 3600) or 3600,
             viewer_max_voxels=_env_number("KNEE_VIEWER_MAX_VOXELS", 24_000_000) or 24_000_000,
+            job_timeout_s=_env_number("KNEE_JOB_TIMEOUT_S", 1800.0, float) or 1800.0,
+            orphan_upload_s=_env_number("KNEE_ORPHAN_UPLOAD_S", 1800) or 1800,
+            sweep_interval_s=_env_number("KNEE_SWEEP_INTERVAL_S", 30.0, float) or 30.0,
+            run_history=_env_bool("KNEE_RUN_HISTORY"),
         )
 
     def pin_gradio_temp_dir(self) -> None:
         """Fix Gradio's cache folder for the life of the process.
 
         Gradio recomputes its upload folder from ``tempfile.gettempdir()`` on every request
-        unless GRADIO_TEMP_DIR is set, and the pipeline points ``tempfile.tempdir`` at a
-        per-job folder while it runs: without this, uploads checked during a job would be
-        looked for inside (and deleted with) that folder.
+        unless GRADIO_TEMP_DIR is set, and on ZeroGPU the pipeline (in this process) points
+        ``tempfile.tempdir`` at a per-job folder while it runs: without this, uploads checked
+        during a job would be looked for inside (and deleted with) that folder.
         """
         os.environ["GRADIO_TEMP_DIR"] = str(self.gradio_temp_dir)
         self.gradio_temp_dir.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,8 @@ class UploadRefs:
         self.upload_dir = _resolved(upload_dir)
         self.still_queued = still_queued
         self._counts: dict[str, int] = {}
+        self._last_used: dict[str, float] = {}  # path -> when a job last let go of it
+        self._sessions: dict[str, set[str]] = {}  # page session -> its uploads
         self._lock = threading.Lock()
         self._protected: dict[int, set[str]] = {}  # size -> sha256 digests
         for p in protected:
@@ -122,21 +124,76 @@ class UploadRefs:
                 lease.paths[key] = _inode(key)
         return lease
 
-    def release(self, lease: Lease) -> list[str]:
-        """Drop the job's references; delete files nobody else needs. Returns what was deleted."""
+    def release(self, lease: Lease, delete: bool = True) -> list[str]:
+        """Drop the job's references; with ``delete``, delete files nobody else needs (else
+        keep them for a retry: the orphan sweep or the page's unload deletes them).
+        Returns what was deleted."""
         deleted = []
+        now = time.time()
         with self._lock:  # held while deleting so a concurrent acquire cannot race the unlink
             for key, inode in lease.paths.items():
+                self._last_used[key] = now
                 left = self._counts.get(key, 1) - 1
                 if left > 0:
                     self._counts[key] = left
                     continue
                 self._counts.pop(key, None)
-                if self._deletable(key, inode):
+                if delete and self._deletable(key, inode):
+                    self._forget(key)
                     _remove_upload(key)
                     deleted.append(key)
             lease.paths.clear()
         return deleted
+
+    def register(self, paths: Iterable[str | os.PathLike | None], session: str | None) -> None:
+        """Remember which page session uploaded ``paths`` (deleted when it closes)."""
+        if not session:
+            return
+        with self._lock:
+            held = self._sessions.setdefault(session, set())
+            held.update(_resolved(p) for p in paths if p)
+
+    def drop_session(self, session: str) -> list[str]:
+        """The page closed: delete its uploads that no job holds or waits for."""
+        deleted = []
+        with self._lock:
+            for key in self._sessions.pop(session, set()):
+                if self._counts.get(key, 0) == 0 and self._deletable(key, None):
+                    self._forget(key)
+                    _remove_upload(key)
+                    deleted.append(key)
+        return deleted
+
+    def sweep_orphans(self, max_age_s: float) -> list[str]:
+        """Delete uploads no job holds, older than ``max_age_s`` since their upload or last
+        use (never used, a client killed before its job started, a refused retry never made).
+        Result folders are not uploads and are left to their own expiry."""
+        deleted = []
+        now = time.time()
+        root = Path(self.upload_dir)
+        if not root.is_dir():
+            return deleted
+        with self._lock:
+            for path in root.rglob("*"):
+                if RESULT_PREFIX in path.as_posix() or not path.is_file():
+                    continue
+                key = _resolved(path)
+                try:
+                    age = now - max(path.stat().st_mtime, self._last_used.get(key, 0.0))
+                except OSError:
+                    continue
+                if age <= max_age_s or self._counts.get(key, 0) > 0:
+                    continue
+                if self._deletable(key, None):
+                    self._forget(key)
+                    _remove_upload(key)
+                    deleted.append(key)
+        return deleted
+
+    def _forget(self, key: str) -> None:
+        self._last_used.pop(key, None)
+        for held in self._sessions.values():
+            held.discard(key)
 
     def _deletable(self, key: str, inode: tuple[int, int] | None) -> bool:
         if not _is_within(key, self.upload_dir) or not os.path.isfile(key):
@@ -175,11 +232,31 @@ def _remove_upload(path: str) -> None:
         pass
 
 
+class Sweeper:
+    """Calls ``fn`` every ``interval_s`` seconds in a daemon thread until ``stop``."""
+
+    def __init__(self, fn: Callable[[], None], interval_s: float):
+        self._fn, self._interval = fn, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="knee-sweeper", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._fn()
+            except Exception:
+                log.exception("sweep failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 @contextmanager
 def job_folder(parent: str | os.PathLike) -> Iterator[Path]:
     """A fresh output folder for one job, removed with everything in it at the end."""
     Path(parent).mkdir(parents=True, exist_ok=True)
-    # dir= is explicit: the pipeline re-points tempfile's default while a job runs.
     folder = Path(tempfile.mkdtemp(prefix="knee_app_job_", dir=parent))
     try:
         yield folder

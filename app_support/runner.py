@@ -1,103 +1,79 @@
-"""Run the pipeline as a stream of events: ``Step`` progress, then a ``Result`` or ``Failure``.
+"""Where a job's pipeline runs: the worker process, or (on ZeroGPU) this process.
 
-The pipeline reports progress through a callback while it runs; a Gradio generator can only
-report what it yields. So the pipeline runs in a worker thread and its steps are passed
-through a queue. On ZeroGPU the whole generator is what ``spaces.GPU`` wraps (it runs in a
-forked worker), which is why failures travel as plain ``Failure`` values: exceptions are
-re-raised there after pickling, and ``PipelineError`` does not survive a pickle round trip.
+Everywhere but ZeroGPU it is ``worker.WorkerProcess``: a crash or a timeout cannot take the
+server down. ZeroGPU only grants a GPU to ``spaces.GPU`` functions called from the Gradio
+process, which forks them a GPU process of its own; there the pipeline runs in the job
+thread and only segmentation inference and the shape-model fit are wrapped in ``spaces.GPU``
+(meshes, thickness and T2 stay on the CPU), with a duration that grows with the input.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import threading
-import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
-from pipeline.errors import ErrorCode, PipelineError
-from pipeline.run import Options, Result, Step, run
+from .worker import JobSpec, WorkerProcess, run_spec
 
 log = logging.getLogger(__name__)
 
-# One pipeline at a time in this process, whatever the Gradio concurrency groups say: the
-# pipeline re-points tempfile's process-wide default folder while it runs, and one GPU cannot
-# hold two jobs. The queue's one-slot "gpu" group normally guarantees this already.
-RUN_LOCK = threading.Lock()
+# ZeroGPU duration per accelerated call: a base plus seconds per million voxels.
+GPU_BASE_S = {"segmentation": 60, "shape_fit": 90}
+GPU_S_PER_MVOXEL = {"segmentation": 4.0, "shape_fit": 0.0}
 
 
-@dataclass(frozen=True)
-class Failure:
-    """A job that ended without a result. ``detail`` is for the server log only."""
-
-    code: str
-    message: str
-    detail: str = ""
-
-
-Event = Step | Result | Failure
-EventSource = Callable[..., Iterator[Event]]
-
-
-def _failure(exc: BaseException) -> Failure:
-    if isinstance(exc, PipelineError):
-        return Failure(exc.code.value, exc.message)
-    detail = "".join(traceback.format_exception(exc))
-    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, not imported
-        return Failure(
-            ErrorCode.GPU_OOM.value,
-            "the GPU ran out of memory; try again later, or upload your own segmentation.",
-            detail,
-        )
-    return Failure(ErrorCode.INTERNAL.value, f"unexpected {type(exc).__name__}", detail)
+def gpu_duration(kind: str, cap_s: int, args: tuple) -> int:
+    """``spaces.GPU`` duration of one accelerated call, from the size of its input image."""
+    voxels = 0
+    loaded = args[0] if args else None
+    image = getattr(loaded, "image", None)
+    if image is not None:
+        size = image.GetSize()
+        voxels = size[0] * size[1] * size[2]
+    seconds = GPU_BASE_S.get(kind, 60) + GPU_S_PER_MVOXEL.get(kind, 0.0) * voxels / 1e6
+    return int(min(max(seconds, 30), cap_s))
 
 
-def pipeline_events(
-    input_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    options: Options,
-    seg_path: str | os.PathLike | None = None,
-) -> Iterator[Event]:
-    """Yield the pipeline's ``Step``s as they happen, then exactly one ``Result``/``Failure``."""
-    events: queue.Queue[Event] = queue.Queue()
+class InProcessRunner:
+    """Runs jobs in the calling thread, accelerated calls wrapped by ``accelerate``."""
 
-    def work() -> None:
-        try:
-            result = run(input_path, Path(out_dir), options, seg_path=seg_path,
-                         progress=events.put)
-        except BaseException as exc:  # everything must reach the consumer, or it waits forever
-            events.put(_failure(exc))
-        else:
-            events.put(result)
+    def __init__(self, accelerate: Callable[[str, Callable], Callable] | None = None):
+        self.accelerate = accelerate
+        self.info: dict[str, Any] = {}
+        self.starts = 0
+        self.pid = None
 
-    worker = threading.Thread(target=work, name="knee-pipeline", daemon=True)
-    worker.start()
-    try:
-        while True:
-            event = events.get()
-            yield event
-            if not isinstance(event, Step):
-                return
-    finally:
-        # If the consumer goes away early the pipeline still finishes; wait for it so the
-        # next job never overlaps this one (and its temp folder is gone before we return).
-        worker.join()
+    def start(self) -> None:
+        from . import system
+
+        self.info = system.device_info() if self.accelerate is None else {
+            "device": "zero-gpu", "gpu": None}
+
+    def stop(self) -> None:
+        pass
+
+    def run(self, spec: JobSpec, on_step: Callable, timeout_s: float):
+        # No timeout here: native code in a thread cannot be stopped; ZeroGPU's own duration
+        # limit ends the accelerated calls.
+        return run_spec(spec, on_step, self.accelerate)
 
 
-def gpu_event_source(zero_gpu: bool, duration_s: int) -> EventSource:
-    """``pipeline_events``, wrapped in ``spaces.GPU`` on ZeroGPU hosts.
-
-    For now the whole run is wrapped (segmentation is the only GPU part, but the pipeline does
-    not expose it as a separate call), so ``duration_s`` must cover meshing and T2 too.
-    """
-    if not zero_gpu:
-        return pipeline_events
+def zero_gpu_accelerate(cap_s: int) -> Callable[[str, Callable], Callable] | None:
+    """``accelerate`` for ``pipeline.run``: ``spaces.GPU`` with a size-dependent duration."""
     try:
         import spaces
     except ImportError:
         log.warning("SPACES_ZERO_GPU is set but the spaces package is missing; running plain")
-        return pipeline_events
-    return spaces.GPU(duration=duration_s)(pipeline_events)
+        return None
+
+    def accelerate(kind: str, fn: Callable) -> Callable:
+        return spaces.GPU(duration=lambda *args, **_: gpu_duration(kind, cap_s, args))(fn)
+
+    return accelerate
+
+
+def make_runner(zero_gpu: bool, gpu_duration_s: int) -> WorkerProcess | InProcessRunner:
+    """The worker process, or on ZeroGPU the in-process runner with ``spaces.GPU``."""
+    if zero_gpu:
+        return InProcessRunner(zero_gpu_accelerate(gpu_duration_s))
+    return WorkerProcess()

@@ -1,16 +1,13 @@
 """The page's result viewers (3-D model, slice viewer, thickness map, QC) and their events.
 
-``create`` makes the components, ``render`` places them; ``page_values`` (the Analyse
-button's job) and ``model_values`` (the cached example, completed by ``example_followup``)
-turn a job's ``JobVisuals`` into output values. The viewers' own events run outside the
-queue: they only pick a file or render a PNG from arrays already in memory.
+``create`` makes the components, ``render`` places them; ``page_values`` turns a page
+job's ``JobVisuals`` into output values (the Analyse button and the example run one job).
+The viewers' own events run outside the queue: they only pick a file or render a PNG from
+arrays already in memory.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,11 +48,9 @@ class ResultViewers:
 
     @property
     def model_outputs(self) -> list[Any]:
-        """Plain values only, so the lazily cached example can store them. Not model3d: a
-        streaming job sets its outputs twice (last chunk, then completion), and Gradio 6.31's
-        Model3D never draws a value set again while its viewer loads; ``show_model_after``
-        sets it once, after the job. Not model_choice: its choices are a prop update, which
-        Gradio's example cache cannot store."""
+        """The files and QC. Not model3d: a streaming job sets its outputs twice (last chunk,
+        then completion), and Gradio 6.31's Model3D never draws a value set again while its
+        viewer loads; ``show_model_after`` sets it once, after the job."""
         return [self.model_files, self.legend, self.thickness_map, self.qc_summary,
                 self.qc_labels]
 
@@ -67,11 +62,6 @@ class ResultViewers:
     def page_outputs(self) -> list[Any]:
         """What the Analyse button's job sets besides the 8 API outputs (``page_values``)."""
         return [*self.model_outputs, self.model_choice, *self.slice_outputs]
-
-    @property
-    def example_followup_outputs(self) -> list[Any]:
-        """What ``example_followup`` sets after the (cached) example's outputs."""
-        return [self.model_choice, self.model3d, *self.slice_outputs]
 
 
 def create(state_ttl_s: float) -> ResultViewers:
@@ -230,35 +220,6 @@ def slice_values(vol: SliceVolumes | None) -> tuple:
     )
 
 
-def example_slices(image_path: str | os.PathLike, zip_path: str | None,
-                   max_voxels: int = slices.DEFAULT_MAX_VOXELS) -> tuple:
-    """Slice viewer of the bundled example: its image plus the label map from its results zip
-    (a cached example has no job folder). Only for the bundled, synthetic example."""
-    if not zip_path or not Path(zip_path).is_file():
-        return slice_values(None)
-    with zipfile.ZipFile(zip_path) as zf, tempfile.TemporaryDirectory() as tmp:
-        wanted = {n for n in zf.namelist()
-                  if n.endswith(("_subregions-labels.nii.gz", "_t2map.nii.gz"))}
-        for name in wanted:
-            zf.extract(name, tmp)
-        labels = next((Path(tmp) / n for n in wanted if "subregions" in n), None)
-        t2 = next((Path(tmp) / n for n in wanted if "t2map" in n), None)
-        vol = slices.load_volumes(image_path, labels, t2, max_voxels=max_voxels)
-    return slice_values(vol)
-
-
-def example_followup(image_path: str | os.PathLike, zip_path: str | None,
-                     model_files: list[str] | None,
-                     max_voxels: int = slices.DEFAULT_MAX_VOXELS) -> tuple:
-    """Values of ``ResultViewers.example_followup_outputs``: the 3-D choice and model, and the
-    slice viewer, for the example's (possibly cached) outputs."""
-    first = visuals.model_choices(model_files)
-    model = show_model(first[0][1] if first else None, model_files)
-    return (choice_update(model_files), model,
-            *example_slices(image_path, zip_path, max_voxels))
-
-
-def cleared_values(page: bool) -> tuple:
-    """Every viewer a job sets, emptied (its first update); ``page``: the Analyse button's
-    job (else the example's)."""
-    return page_values(None) if page else model_values(None)
+def cleared_values() -> tuple:
+    """Every viewer a page job sets, emptied (its first update)."""
+    return page_values(None)

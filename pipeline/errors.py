@@ -27,6 +27,10 @@ class ErrorCode(str, Enum):
     MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
     GPU_OOM = "GPU_OOM"
     QUEUE_FULL = "QUEUE_FULL"
+    TIMEOUT = "TIMEOUT"  # a job ran past its time limit and was stopped
+    WORKER_CRASHED = "WORKER_CRASHED"  # the analysis process died (native crash, OOM kill)
+    JOB_RUNNING = "JOB_RUNNING"  # results asked for before the job ended
+    JOB_UNKNOWN = "JOB_UNKNOWN"  # no such job (never existed, or its results expired)
     INTERNAL = "INTERNAL"
 
 

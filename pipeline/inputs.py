@@ -80,6 +80,10 @@ class LoadedImage:
 # ---------------------------------------------------------------- public API
 
 
+UNSUPPORTED = ("unsupported file type. Upload .nii/.nii.gz, .nrrd, .mha, a 3-D .dcm, "
+               "or a .zip of one DICOM series or one image.")
+
+
 def input_stem(path: str | os.PathLike) -> str:
     """File or folder name without image/archive extensions (``knee.nii.gz`` → ``knee``)."""
     name = Path(path).name
@@ -108,13 +112,43 @@ def load_image(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -
     elif low.endswith((".dcm", ".ima")) or _is_dicom(path):
         loaded = _load_single_dicom(path, stem)
     else:
-        raise PipelineError(
-            ErrorCode.INVALID_FORMAT,
-            f"{path.name}: unsupported file type. Upload .nii/.nii.gz, .nrrd, .mha, a 3-D .dcm, "
-            "or a .zip of one DICOM series or one image.",
-        )
+        raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: {UNSUPPORTED}")
     loaded.image = _validated(loaded.image, path.name)
     return loaded
+
+
+def check_format(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    """Cheap header-level check of an upload (no pixels read): exists, size, a known format
+    whose header parses. ``load_image`` still validates everything; this lets a caller
+    report a corrupt file before anything else (e.g. before checking its options)."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: file not found")
+    _check_size(path, max_bytes)
+    low = path.name.lower()
+    if path.is_dir():
+        return
+    if low.endswith(".zip"):
+        if not zipfile.is_zipfile(path):
+            raise PipelineError(ErrorCode.INVALID_FORMAT,
+                                f"{path.name}: not a readable zip archive (corrupt or truncated).")
+        return
+    if low.endswith(IMAGE_EXTENSIONS):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            raise PipelineError(
+                ErrorCode.INVALID_FORMAT,
+                f"{path.name}: not a readable image (corrupt or truncated).") from None
+        return
+    if low.endswith((".dcm", ".ima")) or _is_dicom(path):
+        if _read_header(path) is None:
+            raise PipelineError(ErrorCode.INVALID_FORMAT,
+                                f"{path.name}: not a readable DICOM file.")
+        return
+    raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: {UNSUPPORTED}")
 
 
 def attach_echoes(

@@ -101,6 +101,9 @@ class Result:
 
 
 ProgressFn = Callable[[Step], None]
+# Wraps the accelerator-bound calls: ``accelerate(kind, fn) -> fn`` with kind "segmentation" or
+# "shape_fit" (the app uses it for ZeroGPU's ``spaces.GPU``; everything else runs outside).
+Accelerate = Callable[[str, Callable], Callable]
 
 STAGES = (
     "Loading input",
@@ -170,11 +173,13 @@ def run(
     echo2_path: str | Path | None = None,
     qdess_params_path: str | Path | None = None,
     progress: ProgressFn | None = None,
+    accelerate: Accelerate | None = None,
 ) -> Result:
     """Run the whole pipeline on one input; write the results folder and zip into ``out_dir``.
 
     ``input_path`` is the MRI (or echo 1 when ``echo2_path`` and ``qdess_params_path`` give
     the second qDESS echo and its acquisition parameters); ``seg_path`` replaces the model.
+    ``accelerate`` wraps segmentation inference and the shape-model fit (see ``Accelerate``).
     """
     options = options or Options()
     started = datetime.now(timezone.utc)
@@ -206,7 +211,10 @@ def run(
                     seg_path, loaded.image, max_bytes=int(options.max_mb * 1024**2)
                 )
             else:
-                seg, model_info = _segment_with_model(loaded, options, track)
+                segment_fn = _segment_with_model
+                if accelerate is not None:
+                    segment_fn = accelerate("segmentation", segment_fn)
+                seg, model_info = segment_fn(loaded, options, track)
                 warnings += model_info.get("warnings", [])
             _check_bones_present(seg)
 
@@ -240,6 +248,7 @@ def run(
                 warnings += shape_stage.run_shape_stage(
                     options, seg_c, sub_c, bone_results, outputs, metrics,
                     progress=lambda i, n: track.sub("Shape model", i, n, f"fit iteration {i}/{n}"),
+                    accelerate=accelerate,
                 )
 
         with track.stage("Writing results"):

@@ -23,10 +23,14 @@ METRIC_PREFIX = {"bone_cartilage": "nsm", "bone_only": "nsm_bone_only"}
 def run_shape_stage(
     options, seg_c: sitk.Image, sub_c: sitk.Image, bone_results: list, outputs, metrics: dict,
     progress: Callable[[int, int], None] | None = None,
+    accelerate: Callable[[str, Callable], Callable] | None = None,
 ) -> list[str]:
-    """Fit each requested variant; add files to ``outputs`` and keys to ``metrics``."""
+    """Fit each requested variant; add files to ``outputs`` and keys to ``metrics``.
+    ``accelerate("shape_fit", fn)`` wraps the fit (run.Accelerate)."""
     from . import shape
 
+    fit = shape.run_shape_model if accelerate is None else accelerate(
+        "shape_fit", shape.run_shape_model)
     femur = next((r for r in bone_results if r.spec.name == "femur"), None)
     if femur is None:
         return ["shape model skipped: no femur surface."]
@@ -52,7 +56,7 @@ def run_shape_stage(
         except PipelineError as exc:
             notes.append(f"shape model '{variant}' skipped [{exc.code.value}]: {exc.message}")
             continue
-        run = shape.run_shape_model(
+        run = fit(
             paths, femur.bone_mesh, cart if variant == "bone_cartilage" else None,
             side=side, out_dir=outputs.folder, progress=progress,
             device=None if options.device == "auto" else options.device,
