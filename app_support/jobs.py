@@ -174,7 +174,7 @@ class UploadRefs:
         if not root.is_dir():
             return deleted
         with self._lock:
-            for path in root.rglob("*"):
+            for path in list(root.rglob("*")):
                 if RESULT_PREFIX in path.as_posix() or not path.is_file():
                     continue
                 key = _resolved(path)

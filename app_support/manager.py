@@ -63,7 +63,7 @@ class JobManager:
     """The queue and its one consumer. ``queue_max`` bounds the jobs waiting (not running)."""
 
     def __init__(self, work: Work, queue_max: int, result_ttl_s: float,
-                 on_end: Callable[[Job], None] | None = None):
+                 on_end: Callable[[Job, str, tuple | None, float], None] | None = None):
         self._work = work
         self.queue_max = queue_max
         self.result_ttl_s = result_ttl_s
@@ -170,18 +170,19 @@ class JobManager:
 
     def _end(self, job: Job, state: str, *, outputs: tuple | None = None, extras: Any = None,
              error: tuple[str, str] | None = None) -> None:
+        finished = time.time()
+        if self._on_end is not None:  # before anyone can see the job ended (uploads, stats)
+            try:
+                self._on_end(job, state, error, finished)
+            except Exception:
+                log.exception("job end hook failed")
         with self._cond:
-            job.state, job.finished = state, time.time()
+            job.state, job.finished = state, finished
             job.outputs, job.extras, job.error = outputs, extras, error
             if state == DONE:
                 self._durations.append(job.finished - (job.started or job.finished))
             self._running = None
             self._touch(job)
-        if self._on_end is not None:
-            try:
-                self._on_end(job)
-            except Exception:
-                log.exception("job end hook failed")
 
     def _touch(self, job: Job) -> None:
         job.version += 1

@@ -227,15 +227,14 @@ class AnalysisService:
             log.exception("research retention failed")  # the user's result still counts
             return None
 
-    def _job_ended(self, job: Job) -> None:
+    def _job_ended(self, job: Job, state: str, error: tuple[str, str] | None,
+                   finished: float) -> None:
         """Stats, and the uploads: deleted after a finished job, kept after a failed one (the
         user may retry; the orphan sweep deletes them if nobody does)."""
         req: JobRequest = job.request
-        seconds = (job.finished or time.time()) - (job.started or time.time())
-        self.uploads.release(req.lease, delete=job.state == DONE)
-        self._record(req.submitted_utc, seconds, ok=job.state == DONE,
-                     code=job.error[0] if job.error else None, user_hash=req.user_hash,
-                     **req.record)
+        self.uploads.release(req.lease, delete=state == DONE)
+        self._record(req.submitted_utc, finished - (job.started or finished), ok=state == DONE,
+                     code=error[0] if error else None, user_hash=req.user_hash, **req.record)
 
     def _record(self, started: datetime, seconds: float, *, ok: bool, code: str | None = None,
                 user_hash: str | None = None, seg_source: str | None = None,

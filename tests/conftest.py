@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.run import Step
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
@@ -42,3 +44,21 @@ def temp_snapshot():
         return {p.name for p in tmp.iterdir() if p.name.startswith(("knee_upload_", "knee_job_"))}
 
     return snap
+
+
+class FakeRunner:
+    """Stands in for the app's worker process: ``outcome(spec)`` makes the job's files and
+    returns its ``Result`` or ``Failure``."""
+
+    def __init__(self, outcome):
+        self.outcome, self.info, self.pid, self.starts = outcome, {"device": "cpu"}, None, 0
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def run(self, spec, on_step, timeout_s):
+        on_step(Step("Loading input", 1, 9, 0.0))
+        return self.outcome(spec)

@@ -6,19 +6,22 @@ import json
 import math
 import os
 import sqlite3
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import isolate_app_env
+from conftest import FakeRunner, isolate_app_env
 
-from app_support import jobs, runner, tables
+from app_support import jobs, tables
 from app_support.config import Settings
 from app_support.stats import StatsDB, footer_markdown
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.labels import REGION_KEYS, T2_REGION_KEYS
 from pipeline.run import Step
+
+EXAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "knee_phantom.nii.gz"
 
 # ---------------------------------------------------------------- tables
 
@@ -223,32 +226,115 @@ def test_retain_derived_scrubs_the_name(tmp_path: Path) -> None:
     assert jobs.retain_derived([out / f"{stem}_t2map.nii.gz"], stem, tmp_path / "k2") is None
 
 
-# ---------------------------------------------------------------- runner and settings
+# ---------------------------------------------------------------- uploads: sessions, orphans
 
 
-def test_pipeline_events_forward_steps_then_failure(monkeypatch, tmp_path: Path) -> None:
-    def fake_run(input_path, out_dir, options, *, seg_path=None, progress=None):
+def test_failed_job_keeps_uploads_then_sweep_deletes_them(tmp_path: Path) -> None:
+    refs = jobs.UploadRefs(tmp_path)
+    f = _upload(tmp_path, "knee.nii.gz")
+    assert refs.release(refs.acquire([f]), delete=False) == [] and f.exists()
+    assert refs.sweep_orphans(60) == [] and f.exists()  # just used: kept for a retry
+    past = time.time() - 120
+    os.utime(f, (past, past))
+    refs._last_used[os.path.realpath(f)] = past
+    assert refs.sweep_orphans(60) == [os.path.realpath(f)] and not f.exists()
+
+
+def test_orphan_sweep_spares_held_protected_and_result_files(tmp_path: Path) -> None:
+    example = tmp_path / "example.bin"
+    example.write_bytes(b"example bytes")
+    cache = tmp_path / "cache"
+    refs = jobs.UploadRefs(cache, protected=[example])
+    held, copy, orphan = (_upload(cache, n, d) for n, d in (
+        ("held.nii.gz", b"a"), ("ex.nii.gz", b"example bytes"), ("old.nrrd", b"b")))
+    result = cache / (jobs.RESULT_PREFIX + "x") / "r_results.zip"
+    result.parent.mkdir()
+    result.write_bytes(b"zip")
+    past = time.time() - 7200
+    for f in (held, copy, orphan, result):
+        os.utime(f, (past, past))
+    lease = refs.acquire([held])
+    assert refs.sweep_orphans(60) == [os.path.realpath(orphan)]
+    assert held.exists() and copy.exists() and result.exists()
+    refs.release(lease, delete=False)
+
+
+def test_closed_session_deletes_its_unheld_uploads(tmp_path: Path) -> None:
+    refs = jobs.UploadRefs(tmp_path)
+    mine, running, other = (_upload(tmp_path, n) for n in ("a.nii", "b.nii", "c.nii"))
+    refs.register([mine, running, None], "s1")
+    refs.register([other], "s2")
+    lease = refs.acquire([running])
+    assert sorted(refs.drop_session("s1")) == [os.path.realpath(mine)]
+    assert running.exists() and other.exists()
+    refs.release(lease)  # the job that held it finished: now it goes
+    assert not running.exists()
+
+
+# ---------------------------------------------------------------- worker, runner, settings
+
+
+def test_failure_of_keeps_codes_and_hides_details() -> None:
+    from app_support.worker import Failure, failure_of
+
+    assert failure_of(PipelineError(ErrorCode.INVALID_FORMAT, "bad")) == Failure(
+        "INVALID_FORMAT", "bad")
+    try:
+        {}["secret detail"]
+    except KeyError as exc:
+        crash = failure_of(exc)
+    assert crash.code == "INTERNAL" and "secret" not in crash.message
+    assert "KeyError" in crash.detail  # the traceback goes to the server log only
+
+
+def test_run_spec_routes_temp_files_and_never_raises(monkeypatch, tmp_path: Path) -> None:
+    import tempfile
+
+    from app_support import worker
+    from pipeline import run as run_module
+
+    seen = {}
+
+    def fake_run(image, out_dir, options, *, seg_path=None, progress=None, accelerate=None):
+        seen["tmp"] = tempfile.gettempdir()
         progress(Step("Loading input", 1, 9, 0.0))
-        raise PipelineError(ErrorCode.INVALID_FORMAT, "bad file")
+        raise PipelineError(ErrorCode.SEG_MISMATCH, "grids differ")
 
-    monkeypatch.setattr(runner, "run", fake_run)
-    events = list(runner.pipeline_events("x.nii.gz", tmp_path, None))
-    assert isinstance(events[0], Step)
-    assert events[1] == runner.Failure("INVALID_FORMAT", "bad file")
-
-
-def test_pipeline_events_internal_error_keeps_traceback(monkeypatch, tmp_path: Path) -> None:
-    def fake_run(*args, **kwargs):
-        raise ZeroDivisionError("boom")
-
-    monkeypatch.setattr(runner, "run", fake_run)
-    (failure,) = list(runner.pipeline_events("x.nii.gz", tmp_path, None))
-    assert failure.code == "INTERNAL" and "ZeroDivisionError" in failure.detail
-    assert "boom" not in failure.message  # details go to the log, not to the user
+    monkeypatch.setattr(run_module, "run", fake_run)
+    steps = []
+    spec = worker.JobSpec("x.nii.gz", None, str(tmp_path / "out"), str(tmp_path / "t"), None)
+    outcome = worker.run_spec(spec, steps.append)
+    assert outcome == worker.Failure("SEG_MISMATCH", "grids differ")
+    assert seen["tmp"] == str(tmp_path / "t") and tempfile.tempdir is None
+    assert [s.name for s in steps] == ["Loading input"]
 
 
-def test_gpu_wrapper_is_plain_without_zero_gpu() -> None:
-    assert runner.gpu_event_source(False, 60) is runner.pipeline_events
+def test_accelerate_wraps_segmentation_inference(tmp_path: Path) -> None:
+    """ZeroGPU's hook sees the segmentation call (with the loaded image, for its duration)."""
+    from app_support import runner
+    from pipeline.run import Options, run
+
+    calls = []
+
+    def accelerate(kind, fn):
+        def wrapped(*args):
+            calls.append((kind, runner.gpu_duration(kind, 300, args)))
+            raise PipelineError(ErrorCode.MODEL_UNAVAILABLE, "no weights in this test")
+        return wrapped
+
+    with pytest.raises(PipelineError, match="MODEL_UNAVAILABLE"):
+        run(EXAMPLE_IMAGE, tmp_path, Options(model="demo_phantom"), accelerate=accelerate)
+    # 200 x 200 x 96 voxels: 60 s + 4 s per million voxels
+    assert calls == [("segmentation", 75)]
+    assert runner.gpu_duration("segmentation", 100, ()) == 60
+    assert runner.gpu_duration("shape_fit", 60, ()) == 60  # capped
+
+
+def test_runner_is_the_worker_process_except_on_zero_gpu() -> None:
+    from app_support import runner, worker
+
+    assert isinstance(runner.make_runner(False, 60), worker.WorkerProcess)
+    assert isinstance(runner.make_runner(True, 60), runner.InProcessRunner)
 
 
 def test_settings_from_env(monkeypatch, tmp_path: Path) -> None:
@@ -256,9 +342,15 @@ def test_settings_from_env(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("KNEE_MAX_UPLOAD_MB", "12.5")
     monkeypatch.setenv("KNEE_STATS_DB", str(tmp_path / "db.sqlite"))
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    monkeypatch.delenv("KNEE_RUN_HISTORY", raising=False)
     s = Settings.from_env()
     assert s.port == 7999 and s.max_upload_mb == 12.5 and s.zero_gpu
     assert s.stats_db == tmp_path / "db.sqlite" and s.queue_max == 8
+    assert s.job_timeout_s == 1800 and s.orphan_upload_s == 1800
+    assert s.run_history is False  # medical data: no run history unless asked for
+    monkeypatch.setenv("KNEE_RUN_HISTORY", "1")
+    monkeypatch.setenv("KNEE_JOB_TIMEOUT_S", "2.5")
+    assert Settings.from_env().run_history and Settings.from_env().job_timeout_s == 2.5
     monkeypatch.setenv("KNEE_APP_PORT", "x")
     with pytest.raises(ValueError, match="KNEE_APP_PORT"):
         Settings.from_env()
@@ -283,95 +375,161 @@ def test_queued_paths_reads_waiting_events_only(tmp_path: Path) -> None:
     f = tmp_path / "a.nii.gz"
     waiting = NS(data=NS(data=[{"path": str(f), "meta": {"_type": "gradio.FileData"}}, None]))
     demo = NS(_queue=NS(event_queue_per_concurrency_id={
-        "gpu": NS(queue=[waiting], current_concurrency=1)}))
+        "jobs": NS(queue=[waiting], current_concurrency=1)}))
     assert system.queued_paths(demo) == {os.path.realpath(f)}
-    assert system.queue_info(demo) == {"waiting": 1, "running": 1}
-    assert system.queue_info(NS()) == {"waiting": None, "running": None}
 
 
-# ---------------------------------------------------------------- the job generator
+# ---------------------------------------------------------------- the job queue
 
 
-def _service(tmp_path: Path, monkeypatch):
+def test_job_ids_queue_positions_and_queue_full() -> None:
+    import threading
+
+    from app_support.manager import DONE, JobManager, about, ordinal
+
+    gate = threading.Event()
+    order = []
+
+    def work(job, on_step):
+        on_step("[1/9] Loading input", 0.1)
+        gate.wait(10)
+        order.append(job.request)
+        return ("Done", job.request), None
+
+    manager = JobManager(work, queue_max=2, result_ttl_s=3600)
+    try:
+        jobs_ = [manager.submit(0)]
+        deadline = time.time() + 5
+        while jobs_[0].step != "[1/9] Loading input" and time.time() < deadline:
+            time.sleep(0.01)
+        jobs_ += [manager.submit(i) for i in (1, 2)]  # one runs, two wait
+        assert [manager.position(j) for j in jobs_] == [0, 1, 2]
+        with pytest.raises(PipelineError, match=r"2 jobs are waiting.*about \d+ min"):
+            manager.submit(99)
+        ids = {j.id for j in jobs_}
+        assert len(ids) == 3 and all(len(i) >= 16 for i in ids)
+        assert manager.get(jobs_[1].id) is jobs_[1] and manager.get("nope") is None
+        gate.set()
+        for j in jobs_:
+            while not j.ended and time.time() < deadline + 10:
+                manager.wait(j, j.version, 1)
+        assert order == [0, 1, 2] and all(j.state == DONE for j in jobs_)
+        assert jobs_[2].outputs == ("Done", 2)
+    finally:
+        gate.set()
+        manager.shutdown()
+    assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 21)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "21st"]
+    assert about(42) == "about 40 s" and about(185) == "about 3 min"
+
+
+def test_finished_jobs_expire_after_the_result_ttl() -> None:
+    from app_support.manager import JobManager
+
+    manager = JobManager(lambda job, on_step: (("Done",), None), queue_max=2,
+                         result_ttl_s=0.2)
+    try:
+        job = manager.submit("x")
+        while not job.ended:
+            manager.wait(job, job.version, 1)
+        assert manager.get(job.id) is job
+        time.sleep(0.3)
+        assert manager.get(job.id) is None
+    finally:
+        manager.shutdown()
+
+
+# ---------------------------------------------------------------- the service, fake worker
+
+
+def _service(tmp_path: Path, monkeypatch, outcome):
     from app_support.service import AnalysisService
 
     isolate_app_env(tmp_path, monkeypatch)
-    settings = Settings.from_env()
-    (tmp_path / "gradio").mkdir()
-    return AnalysisService(settings)
+    (tmp_path / "gradio").mkdir(exist_ok=True)
+    service = AnalysisService(Settings.from_env(), start_worker=False)
+    service.runner = FakeRunner(outcome)
+    return service
 
 
-def _run(service, image, seg="seg", **kw):
+def _image_upload(root: Path, name: str) -> Path:
+    import SimpleITK as sitk
+
+    p = root / "0123abcd" / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.Image(16, 16, 16, sitk.sitkUInt8), str(p))
+    return p
+
+
+def _run(service, image, seg, **kw):
     args = dict(segmentation_model="use my segmentation", shape_model="none",
-                cartilage_smoothing=0.3125, email="", research_consent=True)
+                cartilage_smoothing=0.3125, email="", research_consent=False)
     args.update(kw)
-    return list(service.analyze(image, seg, progress=lambda *a, **k: None, **args))
+    return list(service.analyze(image, seg, progress=None, **args))
 
 
-def test_job_failure_codes_reach_the_user_and_the_stats(tmp_path: Path, monkeypatch) -> None:
+def test_refusals_report_codes_keep_uploads_and_count(tmp_path: Path, monkeypatch) -> None:
     import gradio as gr
 
-    service = _service(tmp_path, monkeypatch)
-    upload = _upload(tmp_path / "gradio", "scan.nii.gz")
-    seg = _upload(tmp_path / "gradio", "seg.nii.gz", b"labels")
+    from app_support.worker import Failure
 
-    def failing(image, out_dir, options, seg_path):
-        yield Step("Loading input", 1, 9, 0.0)
-        yield runner.Failure("SEG_MISMATCH", "grids differ")
-
-    def crashing(image, out_dir, options, seg_path):
-        raise KeyError("secret detail")
-        yield  # pragma: no cover - makes this a generator
-
-    service.events = failing
-    with pytest.raises(gr.Error) as err:
-        _run(service, str(upload), str(seg))
-    assert err.value.message == "[SEG_MISMATCH] grids differ"
-    assert not upload.exists() and not seg.exists()  # deleted on failure too
-    upload = _upload(tmp_path / "gradio", "scan.nii.gz")
-    service.events = crashing
-    with pytest.raises(gr.Error) as err:
-        _run(service, str(upload), None, segmentation_model="some_model")
-    assert err.value.message.startswith("[INTERNAL]") and "secret" not in err.value.message
-    with pytest.raises(gr.Error) as err:
-        _run(service, str(tmp_path / "x.nii.gz"), None)
-    assert err.value.message.startswith("[INVALID_PARAMETERS]")
-    assert service.stats.summary()["failures_by_code"] == {
-        "INTERNAL": 1, "INVALID_PARAMETERS": 1, "SEG_MISMATCH": 1}
-    assert list((tmp_path / "work").iterdir()) == []
+    service = _service(tmp_path, monkeypatch, lambda spec: Failure("SEG_MISMATCH", "grids"))
+    try:
+        upload = _image_upload(tmp_path / "gradio", "scan.nii.gz")
+        seg = _image_upload(tmp_path / "gradio", "seg.nii.gz")
+        corrupt = _upload(tmp_path / "gradio", "corrupt.nii.gz", b"not an image")
+        with pytest.raises(gr.Error) as err:  # the format before the options
+            _run(service, str(corrupt), None)
+        assert err.value.message.startswith("[INVALID_FORMAT] corrupt.nii.gz")
+        with pytest.raises(gr.Error) as err:  # no segmentation, no model
+            _run(service, str(upload), None)
+        assert err.value.message.startswith("[INVALID_PARAMETERS]")
+        assert upload.exists()  # still there for the retry
+        with pytest.raises(gr.Error) as err:
+            _run(service, str(upload), str(seg))
+        assert err.value.message == "[SEG_MISMATCH] grids"
+        assert upload.exists() and seg.exists()  # a refused job keeps them too
+        assert service.stats.summary()["failures_by_code"] == {
+            "INVALID_FORMAT": 1, "INVALID_PARAMETERS": 1, "SEG_MISMATCH": 1}
+        assert list((tmp_path / "work").iterdir()) == []
+    finally:
+        service.close()
 
 
-def test_job_success_publishes_zip_and_removes_job_folder(tmp_path: Path, monkeypatch) -> None:
+def test_job_success_publishes_zip_and_deletes_uploads(tmp_path: Path, monkeypatch) -> None:
     from pipeline.run import Result
 
-    service = _service(tmp_path, monkeypatch)
-    upload = _upload(tmp_path / "gradio", "scan.nii.gz")
-    seg = _upload(tmp_path / "gradio", "seg.nii.gz", b"labels")
-
-    def succeeding(image, out_dir, options, seg_path):
-        out = Path(out_dir)
+    def succeeding(spec):
+        out = Path(spec.out_dir)
         files = []
         for name in ("scan_all-labels.nii.gz", "scan_t2map.nii.gz", "scan_results.csv"):
             (out / name).write_bytes(b"x")
             files.append(out / name)
         (out / "scan_results.zip").write_bytes(b"zip")
-        yield Step("Loading input", 1, 9, 0.0)
         metrics = pd.DataFrame([{"pat_cart_mm_mean": 2.5, "pat_cart_t2_ms_mean": 40.0}])
-        yield Result(out / "scan_results.zip", out, metrics, ["careful"],
-                     {"input": {"stem": "scan"}, "started_utc": "t"}, files)
+        return Result(out / "scan_results.zip", out, metrics, ["careful"],
+                      {"input": {"stem": "scan"}, "started_utc": "t"}, files)
 
-    service.events = succeeding
-    outputs = _run(service, str(upload), str(seg), email="A@b.org")
-    final = outputs[-1]
-    assert final[0].startswith("Done") and "retained" in final[0]
-    zip_path = Path(final[1])
-    assert zip_path.read_bytes() == b"zip" and zip_path.is_relative_to(tmp_path / "gradio")
-    assert final[3]["all_mean_ms"].tolist() == [40.0]
-    assert "careful" in final[5]
-    assert not upload.exists() and not seg.exists()
-    assert list((tmp_path / "work").iterdir()) == []
-    (rid,) = [p for p in (tmp_path / "retained").iterdir()]
-    assert sorted(p.name for p in rid.iterdir()) == [
-        "knee_all-labels.nii.gz", "knee_results.csv", "retention.json"]
-    summary = service.stats.summary()
-    assert summary["total_processed"] == 1 and summary["unique_users"] == 1
+    service = _service(tmp_path, monkeypatch, succeeding)
+    try:
+        upload = _image_upload(tmp_path / "gradio", "scan.nii.gz")
+        seg = _image_upload(tmp_path / "gradio", "seg.nii.gz")
+        outputs = _run(service, str(upload), str(seg), email="A@b.org", research_consent=True)
+        first, final = outputs[0][0], outputs[-1]
+        assert first.startswith("job ") and len(first.split()[1]) >= 16
+        assert final[0].startswith("Done") and "retained" in final[0]
+        assert final[0].endswith(f"(job {first.split()[1]})")
+        zip_path = Path(final[1])
+        assert zip_path.read_bytes() == b"zip" and zip_path.is_relative_to(tmp_path / "gradio")
+        assert final[3]["all_mean_ms"].tolist() == [40.0]
+        assert "careful" in final[5]
+        assert not upload.exists() and not seg.exists()
+        assert list((tmp_path / "work").iterdir()) == []
+        (rid,) = [p for p in (tmp_path / "retained").iterdir()]
+        assert sorted(p.name for p in rid.iterdir()) == [
+            "knee_all-labels.nii.gz", "knee_results.csv", "retention.json"]
+        summary = service.stats.summary()
+        assert summary["total_processed"] == 1 and summary["unique_users"] == 1
+        assert service.result(first.split()[1])[1] == final[1]  # /result: the same outputs
+    finally:
+        service.close()

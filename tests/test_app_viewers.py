@@ -15,14 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from conftest import isolate_app_env
+from conftest import FakeRunner, isolate_app_env
 from PIL import Image
 
 from app_support import jobs, slices, viewers, visuals
 from app_support.config import Settings
 from pipeline import inputs, viz
 from pipeline import labels as L
-from pipeline.run import Result, Step
+from pipeline.run import Result
 from pipeline.viz.mesh3d import ColoredMesh, write_glb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,8 +226,7 @@ def test_model_choice_and_values(tmp_path: Path) -> None:
     assert visuals.pick_model(None, None) is None
     assert viewers.show_model(None, None) is None
     empty = viewers.page_values(None)
-    assert len(empty) == len(viewers.cleared_values(True)) == 5 + 1 + 5
-    assert len(viewers.cleared_values(False)) == 5
+    assert len(empty) == len(viewers.cleared_values()) == 5 + 1 + 5
 
 
 def test_viewer_events(volumes: slices.SliceVolumes) -> None:
@@ -256,28 +255,29 @@ def test_sweep_result_dirs_expires_old_files(tmp_path: Path) -> None:
 
 def test_page_job_outputs_viewers_and_keeps_pixels_off_disk(tmp_path: Path,
                                                             monkeypatch) -> None:
-    from app_support.service import VIEWERS_PAGE, AnalysisService
+    from app_support.service import AnalysisService
 
     isolate_app_env(tmp_path, monkeypatch)
-    service = AnalysisService(Settings.from_env())
     upload = tmp_path / "gradio" / "0123abcd" / "scan.nii.gz"
     upload.parent.mkdir(parents=True)
     upload.write_bytes(IMAGE.read_bytes())
     seg = upload.parent / "scan_seg.nii.gz"
     seg.write_bytes(SEG.read_bytes())
 
-    def succeeding(image, out_dir, options, seg_path):
-        out = Path(out_dir)
+    def succeeding(spec):
+        out = Path(spec.out_dir)
         _fake_job(out, "scan")
         (out / "scan_results.zip").write_bytes(b"zip")
-        yield Step("Loading input", 1, 9, 0.0)
-        yield Result(out / "scan_results.zip", out, pd.DataFrame([{"pat_cart_mm_mean": 2.5}]),
-                     [], {"input": {"stem": "scan"}}, [])
+        return Result(out / "scan_results.zip", out, pd.DataFrame([{"pat_cart_mm_mean": 2.5}]),
+                      [], {"input": {"stem": "scan"}}, [])
 
-    service.events = succeeding
-    outputs = list(service.analyze(
-        str(upload), str(seg), "use my segmentation", "none", 0.3125, "", False,
-        lambda *a, **k: None, viewers=VIEWERS_PAGE))
+    service = AnalysisService(Settings.from_env(), start_worker=False)
+    service.runner = FakeRunner(succeeding)
+    try:
+        outputs = list(service.analyze_page(
+            str(upload), str(seg), "use my segmentation", "none", 0.3125, "", False))
+    finally:
+        service.close()
     n = 8 + 5 + 1 + 5
     assert all(len(o) == n for o in outputs)
     assert outputs[0][-5] is None  # the first update frees the previous job's arrays
