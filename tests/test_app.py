@@ -11,15 +11,21 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+import requests
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
@@ -33,6 +39,7 @@ EXAMPLE_IMAGE = ROOT / "assets" / "examples" / "knee_phantom.nii.gz"
 EXAMPLE_SEG = ROOT / "assets" / "examples" / "knee_phantom_seg.nii.gz"
 OWN_SEG = "use my segmentation"
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".dcm")
+ORPHAN_S = 20  # the module server's KNEE_ORPHAN_UPLOAD_S
 
 
 def _free_port() -> int:
@@ -57,6 +64,7 @@ def _regzip(src: Path, dest: Path) -> Path:
 class App:
     client: Client
     demo: object
+    url: str
     root: Path
     gradio_dir: Path
     work_dir: Path
@@ -80,7 +88,7 @@ class App:
                   if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)]
         assert [p for p in images if _sha(p) not in examples] == []
 
-    def analyze(self, image: Path, seg: Path | None = None, consent: bool = True):
+    def analyze(self, image: Path, seg: Path | None = None, consent: bool = False):
         return self.client.submit(
             handle_file(str(image)), handle_file(str(seg)) if seg else None, OWN_SEG, "none",
             0.3125, "someone@example.org", consent, api_name="/analyze",
@@ -102,24 +110,30 @@ def app(tmp_path_factory) -> App:
     mp.setenv("KNEE_STATS_DB", str(root / "stats.sqlite"))
     mp.setenv("KNEE_RETAIN_DIR", str(dirs["retained"]))
     mp.setenv("KNEE_WORK_DIR", str(dirs["work"]))
-    mp.setenv("KNEE_QUEUE_MAX", "8")
+    mp.setenv("KNEE_QUEUE_MAX", "12")
+    mp.setenv("KNEE_ORPHAN_UPLOAD_S", str(ORPHAN_S))
+    mp.setenv("KNEE_SWEEP_INTERVAL_S", "2")
+    mp.delenv("KNEE_RUN_HISTORY", raising=False)
     mp.delenv("KNEE_STATS_SALT", raising=False)
     # The pipeline's own temp folders go here, so leftovers are checked in isolation.
     mp.setattr(tempfile, "tempdir", str(dirs["tmp"]))
     import app as app_module
 
     demo = app_module.build_demo()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True,
-                                 show_error=True)
+    options = app_module.launch_options(demo.knee_settings)
+    options.update(prevent_thread_lock=True, server_port=_free_port(), quiet=True,
+                   show_error=True)
+    _, url, _ = demo.launch(**options)
     try:
         client = Client(url, verbose=False, download_files=str(dirs["dl"]))
         user = root / "user"
         yield App(
-            client, demo, root, dirs["gradio"], dirs["work"], dirs["tmp"], dirs["retained"],
-            _regzip(EXAMPLE_IMAGE, user / "subject.nii.gz"),
+            client, demo, url.rstrip("/"), root, dirs["gradio"], dirs["work"], dirs["tmp"],
+            dirs["retained"], _regzip(EXAMPLE_IMAGE, user / "subject.nii.gz"),
             _regzip(EXAMPLE_SEG, user / "subject_seg.nii.gz"),
         )
     finally:
+        demo.knee_service.close()
         demo.close()
         mp.undo()
 
@@ -132,10 +146,15 @@ def _provenance_from_zip(zip_path: str) -> dict:
 
 def test_api_lists_endpoints_with_labels(app: App) -> None:
     api = app.client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/analyze", "/stats", "/health"} <= set(api)
+    assert {"/analyze", "/result", "/stats", "/health"} <= set(api)
     params = [p["parameter_name"] for p in api["/analyze"]["parameters"]]
     assert params == ["image", "segmentation", "segmentation_model", "shape_model",
                       "cartilage_smoothing", "email", "research_consent"]
+    consent = api["/analyze"]["parameters"][-1]
+    assert consent["parameter_has_default"] and consent["parameter_default"] is False
+    assert [p["parameter_name"] for p in api["/result"]["parameters"]] == ["job_id"]
+    assert [r["label"] for r in api["/result"]["returns"]] == [
+        r["label"] for r in api["/analyze"]["returns"]]
     returns = [r["label"] for r in api["/analyze"]["returns"]]
     assert returns[:2] == ["Status", "Results (zip)"] and len(returns) == 8  # no viewers
     assert "/analyze_page" not in api  # the page's button: undocumented
@@ -143,7 +162,15 @@ def test_api_lists_endpoints_with_labels(app: App) -> None:
     assert health["status"] == "ok" and health["version"]
     assert health["device"] in ("cpu", "cuda")
     assert isinstance(health["models"], list)
-    assert health["queue"]["max_size"] == 8
+    assert health["queue"]["max_size"] == 12 and health["worker"]["pid"]
+    config = requests.get(f"{app.url}/config", timeout=10).json()
+    assert config["run_history"] is False  # medical data: no run history by default
+    assert config["mcp_server"] is True
+    tools = requests.get(f"{app.url}/gradio_api/mcp/schema", timeout=10).json()
+    names = {t["name"] for t in tools}
+    assert {"analyze", "result", "stats", "health"} <= {n.split("_", 1)[-1] for n in names} | names
+    analyze_tool = next(t for t in tools if t["name"].endswith("analyze"))
+    assert "job id" in analyze_tool["description"]
 
 
 def test_bad_inputs_fail_with_codes_then_example_runs_end_to_end(app: App) -> None:
@@ -154,15 +181,16 @@ def test_bad_inputs_fail_with_codes_then_example_runs_end_to_end(app: App) -> No
         app.analyze(hostile, app.seg).result(timeout=120)
     with pytest.raises(AppError, match=r"\[INVALID_PARAMETERS\]"):  # no seg, no model
         app.analyze(app.image).result(timeout=120)
-    app.assert_clean([hostile, app.image, app.seg])
+    assert app.files_with({_sha(app.image)})  # a refusal keeps the upload for a retry
 
     # The server keeps serving: the example (user copy, image + segmentation) end to end.
     before = {p.name for p in app.retain_dir.iterdir()}
-    job = app.analyze(app.image, app.seg)
+    job = app.analyze(app.image, app.seg, consent=True)
     status, zip_path, thick, t2, shape, warnings, seconds, prov = job.result(timeout=240)
     assert status.startswith("Done")
-    steps = [o[0] for o in job.outputs()]
-    assert any("[2/9] Segmentation" in s for s in steps)  # streamed status updates
+    steps = [o[0] for o in job.outputs() if isinstance(o[0], str)]
+    assert steps[0].startswith("job ") and " in line" in steps[0]  # the id comes first
+    assert any("/9] " in s for s in steps)  # streamed status updates
 
     names = set(zipfile.ZipFile(zip_path).namelist())
     assert {"subject_results.csv", "subject_provenance.json",
@@ -176,6 +204,8 @@ def test_bad_inputs_fail_with_codes_then_example_runs_end_to_end(app: App) -> No
     assert shape["data"] == []
     assert seconds > 0
     assert prov["started_utc"] and prov["options"]["nsm"] == "none"
+    # The refused, never retried upload goes with the orphan sweep.
+    _wait_until(lambda: not app.files_with({_sha(hostile)}), ORPHAN_S + 30)
 
     new = {p.name for p in app.retain_dir.iterdir()} - before
     assert len(new) == 1
@@ -208,7 +238,8 @@ def test_three_identical_uploads_run_one_after_another(app: App) -> None:
     jobs = [app.analyze(app.image, app.seg, consent=False) for _ in range(3)]
     seen_waiting = False
     while not all(j.done() for j in jobs):
-        seen_waiting |= any(j.status().code.name == "IN_QUEUE" for j in jobs)
+        seen_waiting |= any(isinstance(o[0], str) and "2nd in line" in o[0]
+                            for j in jobs for o in j.outputs())
         time.sleep(0.2)
     results = [j.result() for j in jobs]
     assert all(r[0].startswith("Done") for r in results)
@@ -256,14 +287,190 @@ def test_page_job_adds_viewers_without_keeping_pixels(app: App) -> None:
     assert pictures <= {"subject_thickness_map.png", "thickness_legend.png"}, pictures
 
 
-def test_lazy_example_runs_and_keeps_example_files(app: App) -> None:
-    out = app.client.predict(0, api_name="/load_example")  # first use: runs the pipeline
-    assert out[0].startswith("Done")
-    assert Path(out[1]).name == "knee_phantom_results.zip"
-    assert Path(out[8][0]).name == "knee_thickness.glb"  # viewers' files are cached too
+def test_examples_are_protected_and_unknown_jobs_refused(app: App) -> None:
+    with pytest.raises(AppError, match=r"\[JOB_UNKNOWN\]"):
+        app.client.predict("no-such-job-id-0123456789", api_name="/result")
+    out = app.client.predict(handle_file(str(EXAMPLE_IMAGE)), handle_file(str(EXAMPLE_SEG)),
+                             OWN_SEG, "none", 0.3125, "", False, api_name="/analyze")
+    assert out[0].startswith("Done") and Path(out[1]).name == "knee_phantom_results.zip"
+    assert EXAMPLE_IMAGE.exists() and app.files_with({_sha(EXAMPLE_IMAGE)})  # protected copy
+
+
+# ---------------------------------------------------------------- real use: clients that go
+
+CLIENT = """
+import sys, time
+from gradio_client import Client, handle_file
+url, image, seg, out = sys.argv[1:5]
+client = Client(url, verbose=False, download_files=out)
+job = client.submit(handle_file(image), handle_file(seg), "use my segmentation", "none",
+                    0.3125, "", False, api_name="/analyze")
+last = None
+while not job.done():
+    outs = [o[0] for o in job.outputs() if o and isinstance(o[0], str) and o[0]]
+    if outs and outs[-1] != last:
+        last = outs[-1]
+        print("STATUS", last, flush=True)
+    time.sleep(0.2)
+try:
+    result = job.result()
+    print("RESULT", result[0], "|", result[1], flush=True)
+except Exception as exc:
+    print("ERROR", exc, flush=True)
+"""
+
+
+class ClientProcess:
+    """A gradio_client in its own process (so it can be killed like a closed laptop)."""
+
+    def __init__(self, app: App, image: Path, seg: Path, out: Path):
+        out.mkdir(parents=True, exist_ok=True)
+        script = app.root / "client.py"
+        script.write_text(CLIENT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), app.url, str(image), str(seg), str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, predicate, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if predicate(line):
+                    return line
+            time.sleep(0.1)
+        raise AssertionError(f"client never printed the expected line: {self.lines}")
+
+    def job_id(self) -> str:
+        line = self.wait_for(lambda t: t.startswith("STATUS job "), 60)
+        return line.split()[2]
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def _wait_until(predicate, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def _result_when_done(app: App, job_id: str, timeout: float = 240):
+    def ready():
+        try:
+            return app.client.predict(job_id, api_name="/result")
+        except AppError as exc:
+            assert "[JOB_RUNNING]" in str(exc), exc
+            return None
+    return _wait_until(ready, timeout, every=1.0)
+
+
+def test_client_killed_mid_job_the_job_finishes_and_the_server_stays_fast(app: App) -> None:
+    stats0 = app.client.predict(api_name="/stats")
+    image = _regzip(EXAMPLE_IMAGE, app.root / "killed" / "gone.nii.gz")
+    seg = _regzip(EXAMPLE_SEG, app.root / "killed" / "gone_seg.nii.gz")
+    client = ClientProcess(app, image, seg, app.root / "killed" / "dl")
+    job_id = client.job_id()
+    client.wait_for(lambda t: "[3/9]" in t or "[4/9]" in t, 120)  # running
+    client.kill()
+    with pytest.raises(AppError, match=r"\[JOB_RUNNING\].*running"):
+        app.client.predict(job_id, api_name="/result")
+    slowest = 0.0
+    while app.demo.knee_service.jobs.get(job_id).state == "running":
+        t0 = time.monotonic()
+        assert requests.get(f"{app.url}/config", timeout=10).status_code == 200
+        slowest = max(slowest, time.monotonic() - t0)
+        time.sleep(0.3)
+    out = _result_when_done(app, job_id)
+    assert out[0].startswith("Done") and out[0].endswith(f"(job {job_id})")
+    assert zipfile.ZipFile(out[1]).namelist()
+    print(f"\nGET /config while the abandoned job ran: slowest {slowest * 1000:.0f} ms")
+    assert slowest < 1.0
+    stats1 = app.client.predict(api_name="/stats")
+    assert stats1["total_processed"] == stats0["total_processed"] + 1
+    app.assert_clean([image, seg])
+
+
+def test_client_killed_while_queued_and_unused_upload_are_deleted(app: App) -> None:
+    first = _regzip(EXAMPLE_IMAGE, app.root / "q" / "first.nii.gz")
+    queued = _regzip(EXAMPLE_IMAGE, app.root / "q" / "queued.nii.gz")
+    unused = _regzip(EXAMPLE_SEG, app.root / "q" / "never_used.nii.gz")
+    running = app.analyze(first, app.seg)
+    _wait_until(lambda: app.demo.knee_service.jobs.counts()["running"], 60, every=0.1)
+    client = ClientProcess(app, queued, app.seg, app.root / "q" / "dl")
+    client.wait_for(lambda t: " in line" in t, 60)
+    client.kill()
+    # An upload nobody analyses: straight to Gradio's upload route, as a page would.
+    with open(unused, "rb") as fh:
+        r = requests.post(f"{app.url}/gradio_api/upload", files={"files": fh}, timeout=30)
+    assert r.status_code == 200 and app.files_with({_sha(unused)})
+    assert running.result(timeout=240)[0].startswith("Done")
     t0 = time.monotonic()
-    again = app.client.predict(0, api_name="/load_example")  # now served from the cache
-    assert time.monotonic() - t0 < 5 and again[0] == out[0]
-    # The example's cached input copies are still there (protected), nothing else is.
-    assert app.files_with({_sha(EXAMPLE_IMAGE)}) and app.files_with({_sha(EXAMPLE_SEG)})
-    assert list(app.work_dir.iterdir()) == []
+    _wait_until(lambda: not app.files_with({_sha(queued), _sha(unused)}), ORPHAN_S + 60)
+    print(f"\norphans gone {time.monotonic() - t0:.0f} s after the first job ended")
+    app.assert_clean([first, queued, unused])
+
+
+def test_timeout_then_worker_killed_then_next_job_succeeds(app: App) -> None:
+    service = app.demo.knee_service
+    settings = service.settings
+    service.settings = replace(settings, job_timeout_s=4.0)
+    try:
+        with pytest.raises(AppError, match=r"\[TIMEOUT\] the job took longer than 4 s"):
+            app.analyze(app.image, app.seg).result(timeout=120)
+    finally:
+        service.settings = settings
+    assert app.files_with({_sha(app.image)})  # kept for a retry
+    job = app.analyze(app.image, app.seg)
+    _wait_until(lambda: any(isinstance(o[0], str) and "[3/9]" in o[0]
+                            for o in job.outputs()), 120, every=0.2)
+    pid = app.client.predict(api_name="/health")["worker"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(AppError, match=r"\[WORKER_CRASHED\].*SIGKILL"):
+        job.result(timeout=120)
+    out = app.analyze(app.image, app.seg).result(timeout=240)  # a new worker takes over
+    assert out[0].startswith("Done")
+    health = app.client.predict(api_name="/health")
+    assert health["worker"]["pid"] != pid and health["worker"]["starts"] >= 3
+    app.assert_clean([app.image, app.seg])
+
+
+def test_twelve_clients_at_once_all_done_one_at_a_time(app: App) -> None:
+    from pipeline import phantom
+
+    small = phantom.generate(phantom.PhantomSpec(size=(100, 100, 76), spacing=(1.2,) * 3))
+    base = phantom.write_phantom(small, app.root / "twelve", stem="small")
+    clients = []
+    for i in range(12):
+        # byte-different copies: twelve people with twelve scans
+        image = _regzip(base["image"], app.root / "twelve" / f"knee{i}.nii.gz")
+        seg = _regzip(base["seg"], app.root / "twelve" / f"knee{i}_seg.nii.gz")
+        clients.append((ClientProcess(app, image, seg, app.root / "twelve" / f"dl{i}"),
+                        image, seg))
+    t0 = time.monotonic()
+    zips = []
+    for client, _, _ in clients:
+        line = client.wait_for(lambda t: t.startswith(("RESULT", "ERROR")), 600)
+        assert line.startswith("RESULT Done"), line
+        zips.append(line.split("|", 1)[1].strip())
+        client.proc.wait(30)
+    wall = time.monotonic() - t0
+    spans = sorted(
+        (datetime.fromisoformat(p["started_utc"]), datetime.fromisoformat(p["finished_utc"]))
+        for p in (_provenance_from_zip(z) for z in zips))
+    assert len(spans) == 12
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert end <= start, f"jobs overlapped: {spans}"
+    print(f"\ntwelve clients: {wall:.0f} s wall, {wall / 12:.1f} s per job")
+    app.assert_clean([p for _, image, seg in clients for p in (image, seg)])
