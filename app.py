@@ -6,7 +6,6 @@ The page only wires components to ``app_support``; behaviour lives there.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -222,9 +221,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
             event.then(reveal, [status, t2, shape_table], [results_box, t2_box, shape_box],
                        **quiet)
             if with_viewers:
-                viewers.show_model_after(view, event)
-                event.then(lambda s: gr.update(visible=(s or "").startswith("Done")),
-                           [status], [viewers_box], **quiet)
+                viewers.reveal_after(view, event, viewers_box, status)
             event.then(service.footer, None, footer, **quiet)
 
         inputs = [image, seg, model, shape, smooth, email, consent]
@@ -266,12 +263,10 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
 
 def launch_options(settings: Settings) -> dict[str, Any]:
     """``demo.launch`` keywords of the real app (tests use them too)."""
-    allowed = [str(EXAMPLES)]
-    if os.environ.get("GRADIO_EXAMPLES_CACHE"):
-        allowed.append(os.environ["GRADIO_EXAMPLES_CACHE"])
     return {
         "server_name": settings.host, "server_port": settings.port,
-        "max_file_size": int(settings.max_upload_mb * 1024**2), "allowed_paths": allowed,
+        "max_file_size": int(settings.max_upload_mb * 1024**2),
+        "allowed_paths": [str(EXAMPLES)],
         "run_history": settings.run_history, "mcp_server": mcp_available(),
     }
 

@@ -58,7 +58,7 @@ class JobRequest:
     segmentation: str | None
     options: Options
     consent: bool
-    viewers: bool  # the page's job: prepare the 3-D/2-D viewers too
+    page: bool  # the page's job: viewers too, and uploads kept after a failure for a retry
     notes: list[str]
     lease: jobs.Lease
     user_hash: str | None
@@ -112,9 +112,10 @@ class AnalysisService:
 
     def submit(self, image: str | None, segmentation: str | None, model: str | None,
                shape_model: str, cart_smooth: float, email: str | None, consent: bool,
-               session: str | None = None, *, viewers: bool = False) -> Job:
+               session: str | None = None, *, page: bool = False) -> Job:
         """Check the request (image format first, then options) and queue it. A refusal is
-        counted in the stats and leaves the uploads where they are, for a retry."""
+        counted in the stats; the page's uploads stay for a retry without re-upload, an API
+        call's are deleted (a client uploads its files again with every call)."""
         self.uploads.register([image, segmentation], session)
         started = datetime.now(timezone.utc)
         record = {"seg_source": "upload" if segmentation else "model", "nsm": shape_model}
@@ -124,7 +125,7 @@ class AnalysisService:
             lease = self.uploads.acquire([image, segmentation])
             try:
                 return self.jobs.submit(JobRequest(
-                    image, segmentation, options, bool(consent), viewers, notes, lease,
+                    image, segmentation, options, bool(consent), page, notes, lease,
                     user_hash, record, started))
             except PipelineError:
                 self.uploads.release(lease, delete=False)
@@ -132,6 +133,8 @@ class AnalysisService:
         except PipelineError as exc:
             self._record(started, 0.0, ok=False, code=exc.code.value, user_hash=user_hash,
                          **record)
+            if not page:
+                self.uploads.release(self.uploads.acquire([image, segmentation]))
             raise
 
     def _checked(self, image, segmentation, model, shape_model, cart_smooth
@@ -197,7 +200,7 @@ class AnalysisService:
             req.record["retained"] = retained is not None
             zip_path = jobs.publish_result(result.zip_path, self.settings.gradio_temp_dir)
             vis = None
-            if req.viewers:
+            if req.page:
                 # Before the folder goes and before the upload is released (the slice viewer
                 # reads it into memory); pictures and GLBs move next to the zip.
                 vis = visuals.collect(
@@ -229,10 +232,10 @@ class AnalysisService:
 
     def _job_ended(self, job: Job, state: str, error: tuple[str, str] | None,
                    finished: float) -> None:
-        """Stats, and the uploads: deleted after a finished job, kept after a failed one (the
-        user may retry; the orphan sweep deletes them if nobody does)."""
+        """Stats, and the uploads: deleted after a finished job; after a failed page job kept
+        for a retry (the session's end or the orphan sweep deletes them if nobody does)."""
         req: JobRequest = job.request
-        self.uploads.release(req.lease, delete=state == DONE)
+        self.uploads.release(req.lease, delete=state == DONE or not req.page)
         self._record(req.submitted_utc, finished - (job.started or finished), ok=state == DONE,
                      code=error[0] if error else None, user_hash=req.user_hash, **req.record)
 
@@ -300,7 +303,7 @@ class AnalysisService:
         try:
             job = self.submit(image, segmentation, segmentation_model, shape_model,
                               cartilage_smoothing, email, research_consent, _session(request),
-                              viewers=True)
+                              page=True)
         except PipelineError as exc:
             yield (f"Failed: [{exc.code.value}] {exc.message}",
                    *(gr.skip(),) * (N_BASE_OUTPUTS - 1 + n_view))

@@ -76,20 +76,6 @@ def default_segmentation_choice(models: list[ModelChoice] | None = None) -> str:
     return next((m.id for m in models if not m.demo), USE_OWN_SEG)
 
 
-def queue_info(demo: Any, group: str = "gpu") -> dict[str, int | None]:
-    """Jobs waiting in and running from the pipeline's concurrency group (None where Gradio
-    hides it). Only that group: a /health call is itself an event in the queue."""
-    q = getattr(demo, "_queue", None)
-    try:
-        event_queue = q.event_queue_per_concurrency_id.get(group) if q is not None else None
-        if event_queue is None:
-            return {"waiting": None if q is None else 0, "running": None if q is None else 0}
-        return {"waiting": len(event_queue.queue),
-                "running": int(event_queue.current_concurrency)}
-    except Exception:  # a private API: never let it break /health
-        return {"waiting": None, "running": None}
-
-
 def _paths_in(value: Any, out: set[str]) -> None:
     """Collect ``path`` entries of FileData dicts anywhere in an event's payload."""
     if isinstance(value, dict):
@@ -106,8 +92,8 @@ def _paths_in(value: Any, out: set[str]) -> None:
 def queued_paths(demo: Any) -> set[str]:
     """Resolved paths of the files named by jobs still WAITING in the queue.
 
-    Running jobs are left out on purpose: with the one-slot GPU group the only running job
-    that could name an upload is the one releasing it, and it holds its own reference.
+    Running events are left out on purpose: a running event has submitted its job, whose
+    lease holds the uploads until the job ends.
     """
     q = getattr(demo, "_queue", None)
     out: set[str] = set()

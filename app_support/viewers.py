@@ -50,7 +50,7 @@ class ResultViewers:
     def model_outputs(self) -> list[Any]:
         """The files and QC. Not model3d: a streaming job sets its outputs twice (last chunk,
         then completion), and Gradio 6.31's Model3D never draws a value set again while its
-        viewer loads; ``show_model_after`` sets it once, after the job."""
+        viewer loads; ``reveal_after`` sets it once, after the job."""
         return [self.model_files, self.legend, self.thickness_map, self.qc_summary,
                 self.qc_labels]
 
@@ -136,9 +136,20 @@ def show_model(choice: str | None, model_files: list[str] | None) -> Any:
         FRONT_VIEW[0], FRONT_VIEW[1], round(FIT_RADII * radius, 1) if radius else None))
 
 
-def show_model_after(v: ResultViewers, event: Any) -> None:
-    """Put the chosen GLB in the 3-D viewer once ``event`` (a job) has succeeded."""
-    event.success(show_model, [v.model_choice, v.model_files], v.model3d, **_QUIET)
+def reveal_after(v: ResultViewers, event: Any, box: Any, status: Any) -> None:
+    """When ``event`` (a job) ends: show ``box`` (the viewers) if ``status`` says Done, THEN
+    put the chosen GLB in the 3-D viewer: a canvas created while hidden has no size."""
+    event.then(lambda s: gr.update(visible=_done(s)), [status], [box], **_QUIET).then(
+        _show_model_if_done, [status, v.model_choice, v.model_files], v.model3d, **_QUIET)
+
+
+def _done(status: str | None) -> bool:
+    return (status or "").startswith("Done")
+
+
+def _show_model_if_done(status: str | None, choice: str | None,
+                        model_files: list[str] | None) -> Any:
+    return show_model(choice, model_files) if _done(status) else gr.skip()
 
 
 def clear_model_on(v: ResultViewers, trigger: Any) -> None:

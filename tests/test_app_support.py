@@ -468,7 +468,10 @@ def _run(service, image, seg, **kw):
     return list(service.analyze(image, seg, progress=None, **args))
 
 
-def test_refusals_report_codes_keep_uploads_and_count(tmp_path: Path, monkeypatch) -> None:
+def test_refusals_report_codes_and_count_page_keeps_uploads(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """The page keeps its uploads after a refusal (retry without re-upload); an API call's
+    are deleted at once (gradio_client uploads the files again with every call)."""
     import gradio as gr
 
     from app_support.worker import Failure
@@ -478,19 +481,29 @@ def test_refusals_report_codes_keep_uploads_and_count(tmp_path: Path, monkeypatc
         upload = _image_upload(tmp_path / "gradio", "scan.nii.gz")
         seg = _image_upload(tmp_path / "gradio", "seg.nii.gz")
         corrupt = _upload(tmp_path / "gradio", "corrupt.nii.gz", b"not an image")
-        with pytest.raises(gr.Error) as err:  # the format before the options
+        page = list(service.analyze_page(str(corrupt), None, "use my segmentation", "none",
+                                         0.3125, "", False))
+        assert page[0][0].startswith("Failed: [INVALID_FORMAT] corrupt.nii.gz")  # format first
+        assert corrupt.exists()
+        page = list(service.analyze_page(str(upload), None, "use my segmentation", "none",
+                                         0.3125, "", False))
+        assert page[0][0].startswith("Failed: [INVALID_PARAMETERS]")  # no segmentation
+        assert upload.exists()  # still there for the retry
+        page = list(service.analyze_page(str(upload), str(seg), "use my segmentation", "none",
+                                         0.3125, "", False))
+        assert page[-1][0].startswith("Failed: [SEG_MISMATCH] grids (job ")
+        assert upload.exists() and seg.exists()  # a failed page job keeps them too
+
+        with pytest.raises(gr.Error) as err:
             _run(service, str(corrupt), None)
         assert err.value.message.startswith("[INVALID_FORMAT] corrupt.nii.gz")
-        with pytest.raises(gr.Error) as err:  # no segmentation, no model
-            _run(service, str(upload), None)
-        assert err.value.message.startswith("[INVALID_PARAMETERS]")
-        assert upload.exists()  # still there for the retry
+        assert not corrupt.exists()  # an API refusal deletes the upload
         with pytest.raises(gr.Error) as err:
             _run(service, str(upload), str(seg))
         assert err.value.message == "[SEG_MISMATCH] grids"
-        assert upload.exists() and seg.exists()  # a refused job keeps them too
+        assert not upload.exists() and not seg.exists()  # so does a failed API job
         assert service.stats.summary()["failures_by_code"] == {
-            "INVALID_FORMAT": 1, "INVALID_PARAMETERS": 1, "SEG_MISMATCH": 1}
+            "INVALID_FORMAT": 2, "INVALID_PARAMETERS": 1, "SEG_MISMATCH": 2}
         assert list((tmp_path / "work").iterdir()) == []
     finally:
         service.close()

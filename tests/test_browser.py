@@ -67,7 +67,6 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     mp = pytest.MonkeyPatch()
     mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     mp.setenv("GRADIO_TEMP_DIR", str(dirs["gradio"]))
-    mp.setenv("GRADIO_EXAMPLES_CACHE", str(dirs["tmp"] / "examples_cache"))
     mp.setenv("KNEE_STATS_DB", str(root / "stats.sqlite"))
     mp.setenv("KNEE_RETAIN_DIR", str(dirs["retained"]))
     mp.setenv("KNEE_WORK_DIR", str(dirs["work"]))
@@ -75,10 +74,13 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     import app as app_module
 
     demo = app_module.build_demo()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
+    options = app_module.launch_options(demo.knee_settings)
+    options.update(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
+    _, url, _ = demo.launch(**options)
     try:
         yield url, dirs["gradio"]
     finally:
+        demo.knee_service.close()
         demo.close()
         mp.undo()
 
@@ -134,26 +136,65 @@ def _caption(page) -> str:
     return page.locator("#knee-slice-view .knee-slice-caption").inner_text()
 
 
+def _wait_status(page, js_condition: str, timeout_ms: int = JOB_TIMEOUT_MS) -> str:
+    page.wait_for_function(
+        f"(s => {js_condition})(document.querySelector('#knee-status textarea')?.value || '')",
+        timeout=timeout_ms)
+    return _status(page)
+
+
+def _other_client_job(url: str, tmp_path: Path):
+    """Someone else's job (another byte copy), so the page's job has to queue."""
+    from gradio_client import Client, handle_file
+
+    image = _regzip(EXAMPLES / "knee_phantom.nii.gz", tmp_path / "other" / "other.nii.gz")
+    seg = _regzip(EXAMPLES / "knee_phantom_seg.nii.gz", tmp_path / "other" / "other_seg.nii.gz")
+    client = Client(url, verbose=False, download_files=str(tmp_path / "other" / "dl"))
+    return client.submit(handle_file(str(image)), handle_file(str(seg)), "use my segmentation",
+                         "none", 0.3125, "", False, api_name="/analyze")
+
+
 def test_page_upload_analyse_and_viewers(server, page, tmp_path: Path) -> None:
     url, gradio_dir = server
-    t0 = time.monotonic()
     image = _regzip(EXAMPLES / "knee_phantom.nii.gz", tmp_path / "up" / "subject.nii.gz")
     seg = _regzip(EXAMPLES / "knee_phantom_seg.nii.gz", tmp_path / "up" / "subject_seg.nii.gz")
     page.goto(url)
     page.locator("#knee-analyse").wait_for()
-    page.locator("#knee-image input[type=file]").set_input_files(str(image))
-    page.locator("#knee-seg input[type=file]").set_input_files(str(seg))
-    # uploaded: the file rows show (name split as "subject.nii" + ".gz") with their sizes
-    page.locator("#knee-image", has_text="subject.nii").filter(has_text="MB").wait_for()
-    page.locator("#knee-seg", has_text="subject_seg.nii").filter(has_text="KB").wait_for()
-    page.locator("#knee-analyse").click()
-    page.wait_for_function(
-        "document.querySelector('#knee-status textarea')?.value.startsWith('Done')",
-        timeout=JOB_TIMEOUT_MS)
-    job_s = time.monotonic() - t0
+    # A clean blank page: no result widgets, no placeholder tables, retention not ticked.
+    assert not page.locator("#knee-thickness").is_visible()
+    assert not page.locator("#knee-results").is_visible()
+    assert not page.locator("#knee-consent input[type=checkbox]").is_checked()
+    assert "runs" not in page.locator("footer").inner_text().lower()  # no run history
+    _screenshot(page, tmp_path, "knee_page_before.png")
 
-    # Tables, download, QC
-    assert page.locator("#knee-thickness table").count() >= 1
+    # The MRI alone: refused (no segmentation, no model), shown in Status, upload kept.
+    page.locator("#knee-image input[type=file]").set_input_files(str(image))
+    page.locator("#knee-image", has_text="subject.nii").filter(has_text="MB").wait_for()
+    page.locator("#knee-analyse").click()
+    refused = _wait_status(page, "s.startsWith('Failed:')", 60_000)
+    assert "[INVALID_PARAMETERS]" in refused
+    assert page.locator(".toast-body").count() == 0  # no error pop-up, no per-output badges
+
+    # Add the segmentation and retry without uploading the MRI again.
+    page.locator("#knee-seg input[type=file]").set_input_files(str(seg))
+    page.locator("#knee-seg", has_text="subject_seg.nii").filter(has_text="KB").wait_for()
+    other = _other_client_job(url, tmp_path)
+    while not any(isinstance(o[0], str) and "/9]" in o[0] for o in other.outputs()):
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    page.locator("#knee-analyse").click()
+    queued = _wait_status(page, "s.includes('1st in line')", 60_000)
+    assert queued.startswith("job ") and "about" in queued
+    _screenshot(page, tmp_path, "knee_page_queued.png")
+    running = _wait_status(page, "/\\[[3-6]\\/9\\]/.test(s)")
+    assert running.split()[1] == queued.split()[1]  # same job id throughout
+    _screenshot(page, tmp_path, "knee_page_running.png")
+    _wait_status(page, "s.startsWith('Done')")
+    job_s = time.monotonic() - t0
+    assert other.result(timeout=60)[0].startswith("Done")
+
+    # Tables, download, QC (the results column is revealed right after Done)
+    page.locator("#knee-thickness table").first.wait_for()
     assert "pat_cart" in page.locator("#knee-thickness").inner_text()
     download = page.locator("#knee-results a[download], #knee-results a[href*='_results.zip']")
     assert download.count() >= 1 and "subject_results.zip" in download.first.get_attribute("href")
@@ -209,10 +250,13 @@ def test_page_bundled_example(server, page, tmp_path: Path) -> None:
     url, _ = server
     page.goto(url)
     page.locator("#knee-analyse").wait_for()
+    footer0 = page.locator("#knee-footer").inner_text()
     page.get_by_text("Synthetic knee phantom (image + segmentation)").click()
-    page.wait_for_function(
-        "document.querySelector('#knee-status textarea')?.value.startsWith('Done')",
-        timeout=JOB_TIMEOUT_MS)
+    step = _wait_status(page, "/\\[[1-9]\\/9\\]/.test(s)")  # the example streams its steps
+    assert step.startswith("job ")
+    _wait_status(page, "s.startsWith('Done')")
+    page.wait_for_function(  # and counts in the usage footer
+        f"document.querySelector('#knee-footer')?.innerText !== {footer0!r}")
     page.locator("#knee-slice-view img.knee-slice-img").wait_for(timeout=60_000)
     assert _caption(page).startswith("sagittal slice")
     _wait_for_drawn_model(page)
