@@ -49,7 +49,15 @@ def _free_port() -> int:
 
 
 def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:  # deleted by the server since it was listed
+        return ""
+
+
+def _files(root: Path) -> list[Path]:
+    """Every file under ``root``; os.walk skips folders removed while it walks."""
+    return [Path(d) / name for d, _, names in os.walk(root) for name in names]
 
 
 def _regzip(src: Path, dest: Path) -> Path:
@@ -74,8 +82,12 @@ class App:
     seg: Path  # user copy of the example segmentation
 
     def files_with(self, digests: set[str]) -> list[Path]:
-        """Files in Gradio's cache whose bytes are one of ``digests``."""
-        return [p for p in self.gradio_dir.rglob("*") if p.is_file() and _sha(p) in digests]
+        """Files in Gradio's cache whose bytes are one of ``digests``.
+
+        The server deletes files while we look (sweeps, finished jobs), so a folder or file that
+        vanishes mid-walk simply does not count.
+        """
+        return [p for p in _files(self.gradio_dir) if _sha(p) in digests]
 
     def assert_clean(self, uploads: list[Path]) -> None:
         """No copy of the uploads, no job folder and no intermediate image left anywhere."""
@@ -84,8 +96,7 @@ class App:
         left = [p.name for p in self.tmp_dir.iterdir() if p.name.startswith("knee_")]
         assert left == [], f"pipeline temp folders left behind: {left}"
         examples = {_sha(EXAMPLE_IMAGE), _sha(EXAMPLE_SEG)}
-        images = [p for p in self.gradio_dir.rglob("*")
-                  if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)]
+        images = [p for p in _files(self.gradio_dir) if p.name.lower().endswith(IMAGE_SUFFIXES)]
         assert [p for p in images if _sha(p) not in examples] == []
 
     def analyze(self, image: Path, seg: Path | None = None, consent: bool = False):
@@ -278,7 +289,7 @@ def test_page_job_adds_viewers_without_keeping_pixels(app: App) -> None:
           f"{seconds:.2f} s")
     assert seconds < 10
     app.assert_clean([app.image, app.seg])
-    pictures = {p.name for p in app.gradio_dir.rglob("*")
+    pictures = {p.name for p in _files(app.gradio_dir)
                 if p.suffix.lower() in (".png", ".webp", ".jpg", ".jpeg")}
     assert pictures <= {"subject_thickness_map.png", "thickness_legend.png"}, pictures
 
@@ -427,7 +438,8 @@ def test_timeout_then_worker_killed_then_next_job_succeeds(app: App) -> None:
             app.analyze(app.image, app.seg).result(timeout=120)
     finally:
         service.settings = settings
-    assert app.files_with({_sha(app.image)})  # kept for a retry
+    # An API client re-sends its files on a retry, so a failed API job deletes its uploads now.
+    assert not app.files_with({_sha(app.image), _sha(app.seg)})
     job = app.analyze(app.image, app.seg)
     _wait_until(lambda: any(isinstance(o[0], str) and "[3/9]" in o[0]
                             for o in job.outputs()), 120, every=0.2)
