@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {inspect,analyze,phantom} ...``.
+"""Command line: ``python -m pipeline {inspect,analyze,cohort,phantom} ...``.
 
 Stable contract: a refusal exits 2 with ``error[CODE]: message`` as the last stderr line;
 exit 1 means a bug; ``analyze`` prints the results zip path as the last stdout line.
@@ -54,6 +54,19 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cohort(args: argparse.Namespace) -> int:
+    from .cohort.runner import run_cohort
+    from .run import Options
+
+    run = run_cohort(args.manifest, args.out, Options.from_cli(args), workers=args.workers,
+                     scheduler=args.scheduler)
+    c = run.counts
+    print(f"cohort: {c['done']} done, {c['refused']} refused, {c['failed']} failed "
+          f"({run.resumed} from an earlier run) in {run.wall_s:.1f} s", file=sys.stderr)
+    print(run.files["results"])
+    return 0
+
+
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from . import phantom as P
 
@@ -100,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     Options.add_cli_arguments(p)
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("cohort", help="analyse every case of a manifest (Dask), resumable")
+    p.add_argument("manifest", help="CSV (image[,id,seg,subject,visit,echo2,qdess_params]) "
+                                    "or a folder of images (NAME_seg.* pairs up)")
+    p.add_argument("--out", required=True, help="cohort output folder")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, help="local worker processes (default 1)")
+    where.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://HOST:PORT)")
+    Options.add_cli_arguments(p)
+    p.set_defaults(func=_cmd_cohort)
 
     p = sub.add_parser("phantom", help="write a synthetic knee phantom with known anatomy")
     p.add_argument("--out", required=True)

@@ -31,6 +31,7 @@ class ErrorCode(str, Enum):
     WORKER_CRASHED = "WORKER_CRASHED"  # the analysis process died (native crash, OOM kill)
     JOB_RUNNING = "JOB_RUNNING"  # results asked for before the job ended
     JOB_UNKNOWN = "JOB_UNKNOWN"  # no such job (never existed, or its results expired)
+    INVALID_MANIFEST = "INVALID_MANIFEST"  # a cohort manifest that cannot be run as given
     INTERNAL = "INTERNAL"
 
 

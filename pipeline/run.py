@@ -174,12 +174,15 @@ def run(
     qdess_params_path: str | Path | None = None,
     progress: ProgressFn | None = None,
     accelerate: Accelerate | None = None,
+    presegmented: Presegmented | None = None,
 ) -> Result:
     """Run the whole pipeline on one input; write the results folder and zip into ``out_dir``.
 
     ``input_path`` is the MRI (or echo 1 when ``echo2_path`` and ``qdess_params_path`` give
     the second qDESS echo and its acquisition parameters); ``seg_path`` replaces the model.
     ``accelerate`` wraps segmentation inference and the shape-model fit (see ``Accelerate``).
+    ``presegmented`` is the model's segmentation of this input made beforehand by
+    ``segment_input`` (a cohort runs it as a GPU task); the results are those of a model run.
     """
     options = options or Options()
     started = datetime.now(timezone.utc)
@@ -190,17 +193,7 @@ def run(
 
     with job_tempdir():
         with track.stage("Loading input"):
-            max_bytes = int(options.max_mb * 1024**2)
-            loaded = inputs.load_image(input_path, max_bytes=max_bytes)
-            if (echo2_path is None) != (qdess_params_path is None):
-                raise PipelineError(
-                    ErrorCode.INVALID_PARAMETERS,
-                    "split-echo qDESS needs both echo 2 and the acquisition-parameter JSON.",
-                )
-            if echo2_path is not None:
-                loaded = inputs.attach_echoes(
-                    loaded, echo2_path, qdess_params_path, max_bytes=max_bytes
-                )
+            loaded = load_input(input_path, options, echo2_path, qdess_params_path)
             warnings += loaded.warnings
         outputs = Outputs(out, loaded.stem)
 
@@ -210,6 +203,9 @@ def run(
                 seg = inputs.load_segmentation(
                     seg_path, loaded.image, max_bytes=int(options.max_mb * 1024**2)
                 )
+            elif presegmented is not None:
+                seg, model_info = presegmented.on_grid_of(loaded.image), presegmented.model_info
+                warnings += model_info.get("warnings", [])
             else:
                 segment_fn = _segment_with_model
                 if accelerate is not None:
@@ -272,6 +268,53 @@ def run(
             zip_path = outputs.zip()
     provenance["stage_seconds"] = track.seconds  # includes the packaging step itself
     return Result(zip_path, out, pd.DataFrame([metrics]), warnings, provenance, outputs.files)
+
+
+def load_input(input_path, options: Options, echo2_path=None, qdess_params_path=None):
+    """The "Loading input" stage: load and validate the MRI (and split qDESS echo 2)."""
+    max_bytes = int(options.max_mb * 1024**2)
+    loaded = inputs.load_image(input_path, max_bytes=max_bytes)
+    if (echo2_path is None) != (qdess_params_path is None):
+        raise PipelineError(
+            ErrorCode.INVALID_PARAMETERS,
+            "split-echo qDESS needs both echo 2 and the acquisition-parameter JSON.",
+        )
+    if echo2_path is not None:
+        loaded = inputs.attach_echoes(loaded, echo2_path, qdess_params_path, max_bytes=max_bytes)
+    return loaded
+
+
+@dataclass
+class Presegmented:
+    """A model segmentation of one input, made before ``run()`` (see ``segment_input``)."""
+
+    image: sitk.Image
+    model_info: dict
+
+    def on_grid_of(self, image: sitk.Image) -> sitk.Image:
+        same = (self.image.GetSize() == image.GetSize()
+                and np.allclose(self.image.GetSpacing(), image.GetSpacing())
+                and np.allclose(self.image.GetOrigin(), image.GetOrigin())
+                and np.allclose(self.image.GetDirection(), image.GetDirection()))
+        if not same:
+            raise PipelineError(ErrorCode.SEG_MISMATCH,
+                                "the segmentation made beforehand is not on this input's grid")
+        return self.image
+
+
+def segment_input(
+    input_path, options: Options, *, echo2_path=None, qdess_params_path=None,
+    progress: ProgressFn | None = None,
+) -> Presegmented:
+    """Load an input and segment it with ``options.model``: the accelerator-bound half of a
+    model run, for callers that schedule it apart from the rest (``run(presegmented=...)``)."""
+    track = _Tracker(progress)
+    with job_tempdir():
+        with track.stage("Loading input"):
+            loaded = load_input(input_path, options, echo2_path, qdess_params_path)
+        with track.stage("Segmentation"):
+            seg, info = _segment_with_model(loaded, options, track)
+    return Presegmented(seg, info)
 
 
 def _segment_with_model(loaded, options: Options, track: _Tracker):

@@ -1,0 +1,1 @@
+"""Cohort analysis on Dask: ``python -m pipeline cohort MANIFEST --out DIR``."""
