@@ -213,6 +213,9 @@ def run(
                 seg, model_info = segment_fn(loaded, options, track)
                 warnings += model_info.get("warnings", [])
             _check_bones_present(seg)
+        if presegmented is not None and seg_path is None:
+            seconds = track.seconds["Segmentation"] + presegmented.seconds  # done beforehand
+            track.seconds["Segmentation"] = round(seconds, 3)
 
         seg_c = inputs.to_canonical(seg)
         qc = viz.qc_summary(seg_c)
@@ -290,6 +293,8 @@ class Presegmented:
 
     image: sitk.Image
     model_info: dict
+    seconds: float = 0.0  # wall time of ``segment_input`` (loading + inference)
+    started_utc: str = ""
 
     def on_grid_of(self, image: sitk.Image) -> sitk.Image:
         same = (self.image.GetSize() == image.GetSize()
@@ -309,12 +314,14 @@ def segment_input(
     """Load an input and segment it with ``options.model``: the accelerator-bound half of a
     model run, for callers that schedule it apart from the rest (``run(presegmented=...)``)."""
     track = _Tracker(progress)
+    started = datetime.now(timezone.utc).isoformat()
+    t0 = time.perf_counter()
     with job_tempdir():
         with track.stage("Loading input"):
             loaded = load_input(input_path, options, echo2_path, qdess_params_path)
         with track.stage("Segmentation"):
             seg, info = _segment_with_model(loaded, options, track)
-    return Presegmented(seg, info)
+    return Presegmented(seg, info, round(time.perf_counter() - t0, 3), started)
 
 
 def _segment_with_model(loaded, options: Options, track: _Tracker):

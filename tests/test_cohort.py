@@ -24,6 +24,7 @@ import SimpleITK as sitk
 
 pytest.importorskip("distributed")
 
+from pipeline import models  # noqa: E402
 from pipeline import phantom as P  # noqa: E402
 from pipeline.cohort import manifest as M  # noqa: E402
 from pipeline.cohort.tables import BASE_COLUMNS, changes_table  # noqa: E402
@@ -262,3 +263,35 @@ def test_killed_run_resumes_on_a_dask_cluster_with_the_same_table(
     pd.testing.assert_frame_equal(table.drop(columns=timing),
                                   first_run["results"].drop(columns=timing),
                                   check_exact=False, rtol=0, atol=1e-9)
+
+
+@pytest.mark.skipif(not models.is_available(models.REGISTRY["demo_phantom"]),
+                    reason="demo model not built (scripts/train_demo_model.py)")
+def test_model_segments_as_its_own_task_loaded_once_per_worker(tmp_path: Path) -> None:
+    """No segmentations given: the demo model segments each case in a task of its own; the
+    one worker loads it once for both cases, and the results equal ``analyze --model``."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i, side in enumerate(("left", "right")):
+        spec = P.PhantomSpec(size=(100, 110, 104), spacing=(1.0, 1.0, 1.0), seed=5000 + i,
+                             side=side)
+        sitk.WriteImage(P.generate(spec).image, str(folder / f"knee{i}.nii.gz"))
+    out = tmp_path / "out"
+    proc = _cohort(str(folder), "--out", str(out), "--workers", "1", "--model",
+                   "demo_phantom", "--no-t2")
+    assert proc.returncode == 0, proc.stderr
+    prov = json.loads((out / "cohort_provenance.json").read_text())
+    assert prov["counts"]["done"] == 2 and prov["model_loads_this_run"] == 1
+    assert prov["model"]["id"] == "demo_phantom"
+    reused = [json.loads((out / ".cohort" / "cases" / f"knee{i}.json").read_text())["model"]
+              ["model_reused"] for i in range(2)]
+    assert sorted(reused) == [False, True]
+    case_prov = json.loads((out / "cases" / "knee1" / "knee1_provenance.json").read_text())
+    assert case_prov["segmentation_source"] == "model"
+    assert case_prov["stage_seconds"]["Segmentation"] > 0.5  # the task's time is counted
+
+    reference = run(folder / "knee1.nii.gz", tmp_path / "ref",
+                    Options(model="demo_phantom", compute_t2=False))
+    row = pd.read_csv(out / "cohort_results.csv").set_index("id").loc["knee1"]
+    for key, value in reference.metrics.iloc[0].items():
+        assert (math.isnan(value) and math.isnan(row[key])) or abs(row[key] - value) <= 1e-9

@@ -159,10 +159,22 @@ def analyze_case(case: Case, out: Path, options, options_hash: str, presegmented
                       message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    record.update(seconds=round(time.perf_counter() - t0, 3), started_utc=started.isoformat(),
-                  finished_utc=datetime.now(timezone.utc).isoformat(), worker_pid=os.getpid())
+    seconds = time.perf_counter() - t0
+    if presegmented is not None and not isinstance(presegmented, PipelineError):
+        # the case began with its segmentation task
+        seconds += presegmented.seconds
+        started = datetime.fromisoformat(presegmented.started_utc)
+    record.update(seconds=round(seconds, 3), started_utc=started.isoformat(),
+                  finished_utc=datetime.now(timezone.utc).isoformat(), worker_pid=os.getpid(),
+                  worker_peak_rss_mb=round(_peak_rss_mb()))
     write_record(out, record)
     return record
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def crashed_record(case: Case, options_hash: str, message: str) -> dict:
