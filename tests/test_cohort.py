@@ -174,6 +174,7 @@ def test_provenance_counts(first_run) -> None:
     assert prov["counts"] == {"done": 4, "refused": 2, "failed": 0, "cases": 6, "resumed": 0}
     assert prov["cluster"]["workers"] == 2 and prov["libraries"]["distributed"]
     assert prov["options"]["cart_smooth_var"] == 0.3125 and prov["wall_s"] > 0
+    assert not list((first_run["out"] / "cases").glob(".*"))  # no temporary folder left
 
 
 def test_rerun_recomputes_nothing(study, first_run) -> None:

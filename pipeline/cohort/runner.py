@@ -92,6 +92,7 @@ def run_cohort(
                 case = futures[future]
                 records[case.id] = _outcome(future, case, out, options_hash)
                 bar.update(records[case.id])
+        _clear_stale_temporaries(out)  # e.g. the folder of an attempt whose worker was killed
     bar.finish()
 
     ordered = [records[c.id] for c in cases]
