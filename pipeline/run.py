@@ -175,6 +175,7 @@ def run(
     progress: ProgressFn | None = None,
     accelerate: Accelerate | None = None,
     presegmented: Presegmented | None = None,
+    segmenter=None,
 ) -> Result:
     """Run the whole pipeline on one input; write the results folder and zip into ``out_dir``.
 
@@ -183,6 +184,8 @@ def run(
     ``accelerate`` wraps segmentation inference and the shape-model fit (see ``Accelerate``).
     ``presegmented`` is the model's segmentation of this input made beforehand by
     ``segment_input`` (a cohort runs it as a GPU task); the results are those of a model run.
+    ``segmenter`` (a ``segment.Segmenter``) holds the model between calls; default: the
+    process's own.
     """
     options = options or Options()
     started = datetime.now(timezone.utc)
@@ -210,7 +213,7 @@ def run(
                 segment_fn = _segment_with_model
                 if accelerate is not None:
                     segment_fn = accelerate("segmentation", segment_fn)
-                seg, model_info = segment_fn(loaded, options, track)
+                seg, model_info = segment_fn(loaded, options, track, segmenter)
                 warnings += model_info.get("warnings", [])
             _check_bones_present(seg)
         if presegmented is not None and seg_path is None:
@@ -309,10 +312,11 @@ class Presegmented:
 
 def segment_input(
     input_path, options: Options, *, echo2_path=None, qdess_params_path=None,
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | None = None, segmenter=None,
 ) -> Presegmented:
-    """Load an input and segment it with ``options.model``: the accelerator-bound half of a
-    model run, for callers that schedule it apart from the rest (``run(presegmented=...)``)."""
+    """Load an input and segment it with ``options.model`` (on ``segmenter``, else the
+    process's default): the accelerator-bound half of a model run, for callers that schedule
+    it apart from the rest (``run(presegmented=...)``)."""
     track = _Tracker(progress)
     started = datetime.now(timezone.utc).isoformat()
     t0 = time.perf_counter()
@@ -320,14 +324,15 @@ def segment_input(
         with track.stage("Loading input"):
             loaded = load_input(input_path, options, echo2_path, qdess_params_path)
         with track.stage("Segmentation"):
-            seg, info = _segment_with_model(loaded, options, track)
+            seg, info = _segment_with_model(loaded, options, track, segmenter)
     return Presegmented(seg, info, round(time.perf_counter() - t0, 3), started)
 
 
-def _segment_with_model(loaded, options: Options, track: _Tracker):
+def _segment_with_model(loaded, options: Options, track: _Tracker, segmenter=None):
     from . import segment  # imports torch/nnunetv2: only when a model is used
 
-    return segment.segment(
+    segmenter = segmenter or segment.default_segmenter()
+    return segmenter(
         loaded, options.model, device=options.device, use_mirroring=options.tta,
         progress=lambda done, total, detail="": track.sub("Segmentation", done, total, detail),
     )

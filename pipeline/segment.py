@@ -7,8 +7,9 @@ each stage: no subprocesses, no multiprocessing pools, no ``nnUNet_*`` paths nee
 cascade's first-stage prediction is the second stage's extra input, as
 ``nnUNetv2_predict -prev_stage_predictions`` does.
 
-The predictors stay loaded between jobs of the same model (one model in memory at a time);
-``unload()`` frees them. Checkpoints are pickles: only load model folders you trust.
+A ``Segmenter`` owns one loaded model (its predictors stay loaded between calls with the same
+model; ``unload()`` frees them); ``segment``/``load``/``unload`` use the process's default one.
+Checkpoints are pickles: only load model folders you trust.
 """
 
 from __future__ import annotations
@@ -61,8 +62,6 @@ def _torch_threads() -> int:
 # before nnunetv2 is first imported, hence here at module level.
 os.environ.setdefault("nnUNet_def_n_proc", str(min(_torch_threads(), 8)))
 
-_LOCK = threading.RLock()
-_STATE: _Loaded | None = None
 _PREDICTOR_CLASS = None
 
 
@@ -77,6 +76,217 @@ class _Loaded:
 # ---------------------------------------------------------------- public API
 
 
+class Segmenter:
+    """Owns one loaded nnU-Net model (its predictors) and segments with it.
+
+    The predictors stay loaded between calls with the same model and device (one model in
+    memory at a time per segmenter); ``unload()`` frees them. Whoever creates a segmenter owns
+    it: the app's worker process and the CLI use the process's default (``segment()``), a Dask
+    worker its own (``pipeline.cohort``). Calls are serialised by the segmenter's lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._state: _Loaded | None = None
+
+    def __call__(
+        self,
+        loaded: LoadedImage,
+        model: str | models.ModelSpec | None,
+        *,
+        device: str = "auto",
+        use_mirroring: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> tuple[sitk.Image, dict]:
+        """Segment ``loaded.image`` with ``model`` (registry name, local folder, a
+        ``ModelSpec``, or None for the default).
+
+        Returns the label map (uint8, pipeline labels 0-9, same size/spacing/origin/direction
+        as ``loaded.image``) and a JSON-serialisable model record for the provenance, including
+        ``warnings`` meant for the user. ``progress(done, total, detail)`` is called per
+        sliding-window patch: ``done / total`` is the fraction of the whole segmentation (the
+        stages of a cascade share it equally) and ``detail`` names the stage and its patch
+        count.
+
+        ``device`` is ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        ``use_mirroring`` turns on nnU-Net's test-time mirroring (8× the network passes).
+        Raises ``PipelineError`` (MODEL_UNAVAILABLE, INVALID_LABELS, INVALID_PARAMETERS,
+        GPU_OOM, SEGMENTATION_FAILED).
+        """
+        resolved = models.resolve(model)  # outside the lock: may download for minutes
+        dev, notes = _pick_device(device, resolved)
+        with self._lock:
+            try:
+                seg, info = self._run(loaded, resolved, dev, use_mirroring, progress)
+            except Exception as exc:
+                if not _is_cuda_oom(exc):
+                    _free_device_cache(dev)
+                    raise
+                self.unload()  # drop the weights too: the retry or the next job starts clean
+                if (device or "auto").strip().lower() != "auto":
+                    raise PipelineError(
+                        ErrorCode.GPU_OOM,
+                        f"the GPU ran out of memory while segmenting ({_gpu_memory(dev)}). Free "
+                        "GPU memory (close other GPU jobs), or run on the CPU with --device cpu "
+                        "(slower).",
+                    ) from None
+                import torch
+
+                notes.append(
+                    f"the GPU ran out of memory ({_gpu_memory(dev)}); segmentation was redone on "
+                    "the CPU, which is much slower."
+                )
+                seg, info = self._run(loaded, resolved, torch.device("cpu"), use_mirroring,
+                                      progress)
+        info["warnings"] = notes + info["warnings"]
+        return seg, info
+
+    def load(self, model: str | models.ModelSpec | None = None, *, device: str = "auto") -> dict:
+        """Resolve (download if needed) and load a model now, e.g. at app start."""
+        resolved = models.resolve(model)
+        dev, _ = _pick_device(device, resolved)
+        with self._lock:
+            state = self._predictors(resolved, dev)
+        return {**resolved.info(), "device": str(dev), "load_seconds": round(state.seconds, 3)}
+
+    def unload(self) -> None:
+        """Free the loaded model (CPU and GPU memory)."""
+        with self._lock:
+            state, self._state = self._state, None
+            if state is None:
+                return
+            for p in state.predictors:
+                p.network = None
+                p.list_of_parameters = None
+            state.predictors.clear()
+            del state
+            _release_freed_memory()
+            _free_device_cache(None)
+
+    @property
+    def loaded_key(self) -> tuple | None:
+        """Identity of the model in memory (None when none is)."""
+        return None if self._state is None else self._state.key
+
+    @property
+    def predictors(self) -> list:
+        return [] if self._state is None else list(self._state.predictors)
+
+    # ------------------------------------------------------------ running
+
+    def _run(
+        self,
+        loaded: LoadedImage,
+        resolved: models.ResolvedModel,
+        dev,
+        use_mirroring: bool,
+        progress: ProgressFn | None,
+    ) -> tuple[sitk.Image, dict]:
+        import torch
+
+        threads = _torch_threads()
+        previous_threads = torch.get_num_threads()
+        # Set explicitly per job: pymskt sets OMP_NUM_THREADS=1 at import, which would otherwise
+        # leave torch on one thread.
+        torch.set_num_threads(threads)
+        try:
+            reused = self._state is not None and self._state.key == (*resolved.key, str(dev))
+            state = self._predictors(resolved, dev)
+            image, spacing, grid = _nnunet_input(loaded.image, resolved.reader)
+            seconds: dict[str, float] = {"load": 0.0 if reused else round(state.seconds, 3)}
+            n = len(state.predictors)
+            previous = None
+            pairs = zip(resolved.stages, state.predictors, strict=True)
+            for i, (stage, predictor) in enumerate(pairs):
+                label = f"{stage.configuration} (stage {i + 1}/{n})"
+                _report(progress, i, n, f"{label}: preprocessing")
+                predictor.use_mirroring = bool(use_mirroring)
+                predictor.on_patch = _patch_reporter(progress, i, n, label)
+                start = time.perf_counter()
+                try:
+                    # A fresh properties dict per call: preprocessing adds keys to it.
+                    raw = predictor.predict_single_npy_array(image, {"spacing": spacing}, previous)
+                finally:
+                    predictor.on_patch = None
+                seconds[stage.configuration] = round(time.perf_counter() - start, 3)
+                # The next stage takes it as (1, ...) signed ints (uint8 overflows in its cropping).
+                raw = np.asarray(raw)
+                previous = raw[None].astype(np.int16)
+            _report(progress, n, n, "segmentation done")
+        finally:
+            torch.set_num_threads(previous_threads)
+
+        seg = _to_pipeline_image(raw, resolved, loaded.image, grid)
+        if resolved.spec.keep_largest:
+            seg = _keep_largest(seg, resolved.spec.keep_largest)
+        info = {
+            **resolved.info(),
+            "device": str(dev),
+            "use_mirroring": bool(use_mirroring),
+            "torch_threads": threads,
+            "model_reused": reused,
+            "seconds": seconds,
+            "libraries": _versions(),
+            "warnings": _result_notes(seg, resolved),
+        }
+        return seg, info
+
+    def _predictors(self, resolved: models.ResolvedModel, dev) -> _Loaded:
+        """The loaded predictors for this model and device, loading (and unloading) as needed."""
+        key = (*resolved.key, str(dev))
+        if self._state is not None and self._state.key == key:
+            return self._state
+        self.unload()  # one model in memory at a time
+        cls = _predictor_class()
+        start = time.perf_counter()
+        predictors = []
+        for i, stage in enumerate(resolved.stages):
+            with contextlib.redirect_stdout(io.StringIO()):
+                # The constructor prints a harmless note on non-CUDA devices.
+                predictor = cls(
+                    tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                    perform_everything_on_device=dev.type == "cuda", device=dev,
+                    verbose=False, verbose_preprocessing=False, allow_tqdm=False,
+                )
+            try:
+                predictor.initialize_from_trained_model_folder(
+                    str(stage.folder), use_folds=(resolved.spec.fold,),
+                    checkpoint_name=resolved.spec.checkpoint,
+                )
+            except Exception as exc:
+                raise PipelineError(
+                    ErrorCode.MODEL_UNAVAILABLE,
+                    f"model {resolved.spec.id!r}: {stage.folder.name} could not be loaded "
+                    f"({type(exc).__name__}: {exc}).",
+                ) from exc
+            if len(predictor.list_of_parameters) == 1:
+                # One fold: let the reloaded "parameters" be views of the network's own tensors
+                # instead of a second copy (halves the RAM of a CPU model: ~0.8 GB for the
+                # published cascade). Each prediction reloads them, which is then a no-op copy.
+                predictor.list_of_parameters = [predictor.network.state_dict()]
+            is_cascade = predictor.configuration_manager.previous_stage_name is not None
+            if is_cascade != (i > 0):
+                raise PipelineError(
+                    ErrorCode.MODEL_UNAVAILABLE,
+                    f"model {resolved.spec.id!r}: the checkpoint in {stage.folder.name} is "
+                    f"{'a cascade stage' if is_cascade else 'not a cascade stage'}, which does not "
+                    f"fit the stages {[s.configuration for s in resolved.stages]}.",
+                )
+            predictors.append(predictor)
+        _release_freed_memory()
+        self._state = _Loaded(key, dev, predictors, time.perf_counter() - start)
+        return self._state
+
+
+# The process's own segmenter: the CLI and the app's worker process use it through these.
+_DEFAULT = Segmenter()
+
+
+def default_segmenter() -> Segmenter:
+    """The segmenter of this process (what ``segment``, ``load`` and ``unload`` use)."""
+    return _DEFAULT
+
+
 def segment(
     loaded: LoadedImage,
     model: str | models.ModelSpec | None,
@@ -85,183 +295,23 @@ def segment(
     use_mirroring: bool = False,
     progress: ProgressFn | None = None,
 ) -> tuple[sitk.Image, dict]:
-    """Segment ``loaded.image`` with ``model`` (registry name, local folder, a ``ModelSpec``,
-    or None for the default).
-
-    Returns the label map (uint8, pipeline labels 0-9, same size/spacing/origin/direction as
-    ``loaded.image``) and a JSON-serialisable model record for the provenance, including
-    ``warnings`` meant for the user. ``progress(done, total, detail)`` is called per
-    sliding-window patch: ``done / total`` is the fraction of the whole segmentation (the stages
-    of a cascade share it equally) and ``detail`` names the stage and its patch count.
-
-    ``device`` is ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-    ``use_mirroring`` turns on nnU-Net's test-time mirroring (8× the network passes).
-    Raises ``PipelineError`` (MODEL_UNAVAILABLE, INVALID_LABELS, INVALID_PARAMETERS, GPU_OOM,
-    SEGMENTATION_FAILED).
-    """
-    resolved = models.resolve(model)  # outside the lock: may download for minutes
-    dev, notes = _pick_device(device, resolved)
-    with _LOCK:
-        try:
-            seg, info = _run(loaded, resolved, dev, use_mirroring, progress)
-        except Exception as exc:
-            if not _is_cuda_oom(exc):
-                _free_device_cache(dev)
-                raise
-            unload()  # drop the weights too: the retry or the next job starts clean
-            if (device or "auto").strip().lower() != "auto":
-                raise PipelineError(
-                    ErrorCode.GPU_OOM,
-                    f"the GPU ran out of memory while segmenting ({_gpu_memory(dev)}). Free GPU "
-                    "memory (close other GPU jobs), or run on the CPU with --device cpu "
-                    "(slower).",
-                ) from None
-            import torch
-
-            notes.append(
-                f"the GPU ran out of memory ({_gpu_memory(dev)}); segmentation was redone on the "
-                "CPU, which is much slower."
-            )
-            seg, info = _run(loaded, resolved, torch.device("cpu"), use_mirroring, progress)
-    info["warnings"] = notes + info["warnings"]
-    return seg, info
+    """``Segmenter.__call__`` on the process's default segmenter."""
+    return _DEFAULT(loaded, model, device=device, use_mirroring=use_mirroring, progress=progress)
 
 
 def load(model: str | models.ModelSpec | None = None, *, device: str = "auto") -> dict:
-    """Resolve (download if needed) and load a model now, e.g. at app start; returns its info."""
-    resolved = models.resolve(model)
-    dev, _ = _pick_device(device, resolved)
-    with _LOCK:
-        state = _predictors(resolved, dev)
-    return {**resolved.info(), "device": str(dev), "load_seconds": round(state.seconds, 3)}
+    """``Segmenter.load`` on the process's default segmenter."""
+    return _DEFAULT.load(model, device=device)
 
 
 def unload() -> None:
-    """Free the loaded model (CPU and GPU memory)."""
-    global _STATE
-    with _LOCK:
-        state, _STATE = _STATE, None
-        if state is None:
-            return
-        for p in state.predictors:
-            p.network = None
-            p.list_of_parameters = None
-        state.predictors.clear()
-        del state
-        _release_freed_memory()
-        _free_device_cache(None)
+    """``Segmenter.unload`` on the process's default segmenter."""
+    _DEFAULT.unload()
 
 
 def loaded_model_key() -> tuple | None:
-    """Identity of the model currently in memory (None when none is)."""
-    return None if _STATE is None else _STATE.key
-
-
-# ---------------------------------------------------------------- running
-
-
-def _run(
-    loaded: LoadedImage,
-    resolved: models.ResolvedModel,
-    dev,
-    use_mirroring: bool,
-    progress: ProgressFn | None,
-) -> tuple[sitk.Image, dict]:
-    import torch
-
-    threads = _torch_threads()
-    previous_threads = torch.get_num_threads()
-    # Set explicitly per job: pymskt sets OMP_NUM_THREADS=1 at import, which would otherwise
-    # leave torch on one thread.
-    torch.set_num_threads(threads)
-    try:
-        reused = _STATE is not None and _STATE.key == (*resolved.key, str(dev))
-        state = _predictors(resolved, dev)
-        image, spacing, grid = _nnunet_input(loaded.image, resolved.reader)
-        seconds: dict[str, float] = {"load": 0.0 if reused else round(state.seconds, 3)}
-        n = len(state.predictors)
-        previous = None
-        for i, (stage, predictor) in enumerate(zip(resolved.stages, state.predictors, strict=True)):
-            label = f"{stage.configuration} (stage {i + 1}/{n})"
-            _report(progress, i, n, f"{label}: preprocessing")
-            predictor.use_mirroring = bool(use_mirroring)
-            predictor.on_patch = _patch_reporter(progress, i, n, label)
-            start = time.perf_counter()
-            try:
-                # A fresh properties dict per call: preprocessing adds keys to it.
-                raw = predictor.predict_single_npy_array(image, {"spacing": spacing}, previous)
-            finally:
-                predictor.on_patch = None
-            seconds[stage.configuration] = round(time.perf_counter() - start, 3)
-            # The next stage takes it as (1, ...) signed ints (uint8 overflows in its cropping).
-            raw = np.asarray(raw)
-            previous = raw[None].astype(np.int16)
-        _report(progress, n, n, "segmentation done")
-    finally:
-        torch.set_num_threads(previous_threads)
-
-    seg = _to_pipeline_image(raw, resolved, loaded.image, grid)
-    if resolved.spec.keep_largest:
-        seg = _keep_largest(seg, resolved.spec.keep_largest)
-    info = {
-        **resolved.info(),
-        "device": str(dev),
-        "use_mirroring": bool(use_mirroring),
-        "torch_threads": threads,
-        "model_reused": reused,
-        "seconds": seconds,
-        "libraries": _versions(),
-        "warnings": _result_notes(seg, resolved),
-    }
-    return seg, info
-
-
-def _predictors(resolved: models.ResolvedModel, dev) -> _Loaded:
-    """The loaded predictors for this model and device, loading (and unloading) as needed."""
-    global _STATE
-    key = (*resolved.key, str(dev))
-    if _STATE is not None and _STATE.key == key:
-        return _STATE
-    unload()  # one model in memory at a time
-    cls = _predictor_class()
-    start = time.perf_counter()
-    predictors = []
-    for i, stage in enumerate(resolved.stages):
-        with contextlib.redirect_stdout(io.StringIO()):
-            # The constructor prints a harmless note on non-CUDA devices.
-            predictor = cls(
-                tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                perform_everything_on_device=dev.type == "cuda", device=dev,
-                verbose=False, verbose_preprocessing=False, allow_tqdm=False,
-            )
-        try:
-            predictor.initialize_from_trained_model_folder(
-                str(stage.folder), use_folds=(resolved.spec.fold,),
-                checkpoint_name=resolved.spec.checkpoint,
-            )
-        except Exception as exc:
-            raise PipelineError(
-                ErrorCode.MODEL_UNAVAILABLE,
-                f"model {resolved.spec.id!r}: {stage.folder.name} could not be loaded "
-                f"({type(exc).__name__}: {exc}).",
-            ) from exc
-        if len(predictor.list_of_parameters) == 1:
-            # One fold: let the reloaded "parameters" be views of the network's own tensors
-            # instead of a second copy (halves the RAM of a CPU model: ~0.8 GB for the
-            # published cascade). Each prediction reloads them, which is then a no-op copy.
-            predictor.list_of_parameters = [predictor.network.state_dict()]
-        is_cascade = predictor.configuration_manager.previous_stage_name is not None
-        if is_cascade != (i > 0):
-            raise PipelineError(
-                ErrorCode.MODEL_UNAVAILABLE,
-                f"model {resolved.spec.id!r}: the checkpoint in {stage.folder.name} is "
-                f"{'a cascade stage' if is_cascade else 'not a cascade stage'}, which does not "
-                f"fit the stages {[s.configuration for s in resolved.stages]}.",
-            )
-        predictors.append(predictor)
-    _release_freed_memory()
-    _STATE = _Loaded(key, dev, predictors, time.perf_counter() - start)
-    return _STATE
+    """Identity of the model the default segmenter holds (None when none is)."""
+    return _DEFAULT.loaded_key
 
 
 def _release_freed_memory() -> None:

@@ -128,11 +128,12 @@ def test_same_result_as_stock_nnunet_predictor(tiny, knee):
 
 def test_predictor_reused_between_jobs(tiny, knee):
     _, first = segment.segment(knee, str(tiny))
-    predictors = list(segment._STATE.predictors)
+    predictors = list(segment.default_segmenter().predictors)
     key = segment.loaded_model_key()
     _, second = segment.segment(knee, str(tiny))
     assert segment.loaded_model_key() == key
-    assert all(a is b for a, b in zip(predictors, segment._STATE.predictors, strict=True))
+    again = segment.default_segmenter().predictors
+    assert all(a is b for a, b in zip(predictors, again, strict=True))
     assert not first["model_reused"] and second["model_reused"]
     # One copy of the weights in memory: the reloaded parameters share the network's storage.
     net_params = dict(predictors[0].network.named_parameters())
@@ -141,9 +142,23 @@ def test_predictor_reused_between_jobs(tiny, knee):
     assert second["seconds"]["load"] == 0.0
     # Another model replaces it: one model in memory at a time.
     segment.segment(knee, str(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"))
-    assert segment.loaded_model_key() != key and len(segment._STATE.predictors) == 1
+    assert segment.loaded_model_key() != key
+    assert len(segment.default_segmenter().predictors) == 1
     segment.unload()
     assert segment.loaded_model_key() is None
+
+
+def test_segmenters_own_their_models(tiny, knee):
+    """Each Segmenter holds its own model: loading or unloading one leaves the other alone."""
+    a, b = segment.Segmenter(), segment.Segmenter()
+    seg_a, info_a = a(knee, str(tiny))
+    seg_b, info_b = b(knee, str(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"))
+    assert a.loaded_key != b.loaded_key and segment.loaded_model_key() is None
+    _, again = a(knee, str(tiny))
+    assert again["model_reused"] and not info_a["model_reused"]
+    a.unload()
+    assert a.loaded_key is None and b.loaded_key is not None and b.predictors
+    b.unload()
 
 
 def test_progress_reports_increasing_patches(tiny, knee):
@@ -164,7 +179,7 @@ def test_mirroring_option(tiny, knee):
     seg, info = segment.segment(knee, str(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"),
                                 use_mirroring=True)
     assert info["use_mirroring"] is True
-    assert segment._STATE.predictors[0].use_mirroring is True
+    assert segment.default_segmenter().predictors[0].use_mirroring is True
     _same_grid(seg, knee.image)
 
 
@@ -436,16 +451,16 @@ def test_cuda_requested_without_gpu(tiny, knee):
 def _oom_once(monkeypatch):
     import torch
 
-    real_run = segment._run
+    real_run = segment.Segmenter._run
     devices = []
 
-    def run(loaded, resolved, dev, *args):
+    def run(self, loaded, resolved, dev, *args):
         devices.append(str(dev))
         if len(devices) == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_run(loaded, resolved, dev, *args)
+        return real_run(self, loaded, resolved, dev, *args)
 
-    monkeypatch.setattr(segment, "_run", run)
+    monkeypatch.setattr(segment.Segmenter, "_run", run)
     monkeypatch.setattr(segment, "_pick_device",
                         lambda device, resolved: (torch.device("cpu"), []))
     return devices

@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from ..errors import ErrorCode, PipelineError
 from . import case as C
 from . import tables
@@ -104,6 +106,32 @@ def run_cohort(
     return run
 
 
+SEGMENTER_PLUGIN = "knee-segmenter"
+
+
+class SegmenterPlugin(WorkerPlugin):
+    """Dask worker plugin: each worker process owns one ``Segmenter``, so the model is loaded
+    once per worker and kept for all the cases it segments; freed when the worker closes."""
+
+    name = SEGMENTER_PLUGIN
+    idempotent = True
+
+    def setup(self, worker) -> None:
+        from ..segment import Segmenter
+
+        self.segmenter = Segmenter()
+
+    def teardown(self, worker) -> None:
+        self.segmenter.unload()
+
+
+def _worker_segmenter():
+    from distributed import get_worker
+
+    plugin = get_worker().plugins.get(SEGMENTER_PLUGIN)
+    return getattr(plugin, "segmenter", None)
+
+
 def segment_task(case: Case, options):
     """GPU half of a model run: the case's segmentation, or its refusal as a value."""
     from ..run import segment_input
@@ -111,7 +139,8 @@ def segment_task(case: Case, options):
     try:
         with C.ONE_PIPELINE:
             return segment_input(case.image, options, echo2_path=case.echo2,
-                                 qdess_params_path=case.qdess_params)
+                                 qdess_params_path=case.qdess_params,
+                                 segmenter=_worker_segmenter())
     except PipelineError as exc:
         return exc
 
@@ -163,6 +192,7 @@ def _client(workers: int | None, scheduler: str | None):
             raise PipelineError(ErrorCode.INVALID_PARAMETERS,
                                 f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
         with client:
+            client.register_plugin(SegmenterPlugin())
             yield client
         return
     # One thread per process: the pipeline's native libraries (VTK, ITK, torch) use the cores
@@ -171,6 +201,7 @@ def _client(workers: int | None, scheduler: str | None):
     with LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True,
                       dashboard_address=dashboard, silence_logs=40) as cluster:
         with Client(cluster) as client:
+            client.register_plugin(SegmenterPlugin())
             yield client
 
 
