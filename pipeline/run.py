@@ -433,11 +433,13 @@ def _write_meshes(outputs: Outputs, results: list) -> dict[str, int]:
     return index
 
 
-def _library_versions() -> dict[str, str]:
+def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Python and the installed versions of the libraries that shape the results (+ ``extra``)."""
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for dist in ("SimpleITK", "mskt", "numpy", "vtk", "pyvista", "pydicom", "nnunetv2", "torch"):
+    for dist in ("SimpleITK", "mskt", "numpy", "vtk", "pyvista", "pydicom", "nnunetv2", "torch",
+                 *extra):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -470,5 +472,5 @@ def _provenance(loaded, options, model_info, seconds, started, warnings, mesh_in
         "started_utc": started.isoformat(),
         "finished_utc": datetime.now(timezone.utc).isoformat(),
         "warnings": list(warnings),
-        "libraries": _library_versions(),
+        "libraries": library_versions(),
     }

@@ -88,16 +88,9 @@ def write_tables(out: Path, cases: list[Case], records: list[dict], options, run
 
 
 def _provenance(records: list[dict], options, run, started: datetime) -> dict:
-    from ..run import _library_versions
+    from ..run import library_versions
 
-    libraries = _library_versions()
-    for dist in ("dask", "distributed"):
-        try:
-            from importlib import metadata
-
-            libraries[dist] = metadata.version(dist)
-        except Exception:
-            pass
+    libraries = library_versions(extra=("dask", "distributed"))
     computed = [r for r in records if r.get("status") == "done"]
     models = [r["model"] for r in computed if r.get("model")]
     this_run = [r["model"] for r in computed
