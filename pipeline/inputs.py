@@ -168,7 +168,7 @@ def attach_echoes(
     echo2 = load_image(echo2_path, max_bytes=max_bytes).image
     if orientation_code(echo2) != orientation_code(loaded.image):
         echo2 = sitk.DICOMOrient(echo2, orientation_code(loaded.image))
-    _check_same_grid(echo2, loaded.image, Path(echo2_path).name, code=ErrorCode.INVALID_DIMENSIONS)
+    check_same_grid(echo2, loaded.image, Path(echo2_path).name, code=ErrorCode.INVALID_DIMENSIONS)
     echo2.CopyInformation(loaded.image)
     echo1 = loaded.image
     loaded.echo1, loaded.echo2 = echo1, echo2
@@ -215,7 +215,7 @@ def load_segmentation(
         )
     if orientation_code(seg) != orientation_code(reference):
         seg = sitk.DICOMOrient(seg, orientation_code(reference))
-    _check_same_grid(seg, reference, path.name)
+    check_same_grid(seg, reference, path.name)
     arr = sitk.GetArrayFromImage(seg)
     if np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
@@ -254,7 +254,7 @@ def to_canonical(image: sitk.Image) -> sitk.Image:
 def from_canonical(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """Inverse of ``to_canonical``: back onto ``reference``'s original grid and axis order."""
     out = sitk.DICOMOrient(image, orientation_code(reference))
-    _check_same_grid(out, reference, "internal result", code=ErrorCode.INTERNAL)
+    check_same_grid(out, reference, "internal result", code=ErrorCode.INTERNAL)
     out.CopyInformation(reference)  # remove rounding noise from the permutation
     return out
 
@@ -596,9 +596,10 @@ def _validated(img: sitk.Image, name: str) -> sitk.Image:
     return deidentified(img)
 
 
-def _check_same_grid(
+def check_same_grid(
     seg: sitk.Image, ref: sitk.Image, name: str, code: ErrorCode = ErrorCode.SEG_MISMATCH
 ) -> None:
+    """Refuse (``code``) an image not on ``ref``'s grid: size, spacing, origin, direction."""
     problems = []
     if seg.GetSize() != ref.GetSize():
         problems.append(f"size {list(seg.GetSize())} vs image {list(ref.GetSize())}")

@@ -300,13 +300,7 @@ class Presegmented:
     started_utc: str = ""
 
     def on_grid_of(self, image: sitk.Image) -> sitk.Image:
-        same = (self.image.GetSize() == image.GetSize()
-                and np.allclose(self.image.GetSpacing(), image.GetSpacing())
-                and np.allclose(self.image.GetOrigin(), image.GetOrigin())
-                and np.allclose(self.image.GetDirection(), image.GetDirection()))
-        if not same:
-            raise PipelineError(ErrorCode.SEG_MISMATCH,
-                                "the segmentation made beforehand is not on this input's grid")
+        inputs.check_same_grid(self.image, image, "the segmentation made beforehand")
         return self.image
 
 
