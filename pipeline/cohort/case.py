@@ -177,12 +177,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def crashed_record(case: Case, options_hash: str, message: str) -> dict:
-    """Record of a case whose worker died under it (written by the client)."""
+def crashed_record(case: Case, options_hash: str, message: str,
+                   code: ErrorCode = ErrorCode.WORKER_CRASHED) -> dict:
+    """Record of a case whose task never returned one (written by the client)."""
     now = datetime.now(timezone.utc).isoformat()
     return {"id": case.id, "subject": case.subject, "visit": case.visit,
             "options_sha256": options_hash, "status": "failed",
-            "code": ErrorCode.WORKER_CRASHED.value, "message": message, "seconds": None,
+            "code": code.value, "message": message, "seconds": None,
             "started_utc": "", "finished_utc": now}
 
 

@@ -10,6 +10,7 @@ cases run on the other workers. Each worker process keeps the model loaded betwe
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 import time
 import uuid
@@ -100,8 +101,7 @@ def run_cohort(
     ordered = [records[c.id] for c in cases]
     counts = Counter(r["status"] for r in ordered)
     run = CohortRun(out, ordered, {k: counts.get(k, 0) for k in ("done", "refused", "failed")},
-                    resumed, 0.0, cluster=cluster_info)
-    run.wall_s = round(time.perf_counter() - t0, 3)
+                    resumed, round(time.perf_counter() - t0, 3), cluster=cluster_info)
     run.files = tables.write_tables(out, cases, ordered, options, run, started)
     return run
 
@@ -175,8 +175,8 @@ def _outcome(future, case: Case, out: Path, options_hash: str) -> dict:
     except KilledWorker as exc:
         record = C.crashed_record(case, options_hash, f"the worker process died ({exc})")
     except Exception as exc:  # e.g. the segmentation task itself crashed
-        record = C.crashed_record(case, options_hash, f"{type(exc).__name__}: {exc}")
-        record["code"] = ErrorCode.INTERNAL.value
+        record = C.crashed_record(case, options_hash, f"{type(exc).__name__}: {exc}",
+                                  code=ErrorCode.INTERNAL)
     C.write_record(out, record)
     return record
 
@@ -218,13 +218,11 @@ def _describe(client) -> dict:
 
 
 def _clear_stale_temporaries(out: Path) -> None:
-    """Half-written case folders of a killed run (never counted as done) go."""
-    import shutil
-
-    for p in (out / "cases").glob(".*.tmp"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in (out / "cases").glob(".*.old"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Half-written case folders of a killed run (never counted as done) go, and replaced
+    ones whose removal was cut short."""
+    for p in (out / "cases").glob(".*"):
+        if p.suffix in (".tmp", ".old"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 class _Progress:
