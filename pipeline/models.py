@@ -11,6 +11,12 @@ variable (a trained-model folder, a Dataset folder, or a folder of those).
 
 Labels are mapped onto ``pipeline.labels`` by the NAMES in the model's ``dataset.json``, never
 by number: one public script of the original model numbers the same structures differently.
+
+The second family, ``dosma2d``, is DOSMA's 2D U-Nets (Goyal 2024): one Keras ``.h5`` file per
+plane (sagittal, coronal, axial), run by ``pipeline.dosma2d``; several planes are fused with
+STAPLE. Their labels are DOSMA's native 0-9, which are this project's labels. Their weights come
+from the Hub repo ``aagatti/dosma_bones``, from ``KNEE_DOSMA_DIR`` (a folder holding the
+published file names) or from ``--model PATH`` (an ``.h5`` file, or such a folder).
 """
 
 from __future__ import annotations
@@ -26,7 +32,13 @@ from .errors import ErrorCode, PipelineError
 
 DEFAULT_MODEL = "nnunet_knee"
 ENV_MODEL_DIR = "KNEE_MODEL_DIR"
+ENV_DOSMA_DIR = "KNEE_DOSMA_DIR"
 HUB_REPO = "aagatti/nnunet_knee"
+DOSMA_HUB_REPO = "aagatti/dosma_bones"
+# The published file of each plane (KneePipeline's config_template.json).
+DOSMA_FILES = {"sagittal": "sagittal_best_model.h5", "coronal": "coronal_best_model.h5",
+               "axial": "axial_best_model.h5"}
+DOSMA_GOYAL2024_FILE = "Goyal_Bone_Cart_July_2024_best_model.h5"  # = the sagittal file
 CHECKPOINT_NAMES = ("checkpoint_best.pth", "checkpoint_final.pth")  # preference order
 SUPPORTED_READERS = ("SimpleITKIO", "SimpleITKIOWithReorient", "NibabelIO")
 ASSETS_MODELS = Path(__file__).resolve().parents[1] / "assets" / "models"
@@ -53,6 +65,9 @@ class ModelSpec:
     description: str = ""
     demo: bool = False  # toy model: never for real MRI
     keep_largest: tuple[int, ...] = ()  # pipeline labels reduced to their largest component
+    # "nnunet": configurations are nnU-Net stages. "dosma2d": configurations are planes and
+    # stage_folders the .h5 file of each (several planes are fused with STAPLE).
+    family: str = "nnunet"
 
     @property
     def source(self) -> str:
@@ -65,6 +80,8 @@ class ModelSpec:
 
     def required_files(self) -> list[str]:
         """Paths (relative to the stage-folder parent) that inference needs, nothing more."""
+        if self.family == "dosma2d":
+            return list(self.stage_folders)
         out = []
         for folder in self.folder_names():
             out += [f"{folder}/plans.json", f"{folder}/dataset.json",
@@ -84,8 +101,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Stage:
-    configuration: str
-    folder: Path
+    configuration: str  # nnU-Net configuration, or the plane of a dosma2d model
+    folder: Path  # nnU-Net trained-model folder, or the .h5 file of a dosma2d plane
 
 
 @dataclass
@@ -105,8 +122,10 @@ class ResolvedModel:
         """Identity for keeping a loaded predictor between jobs (a replaced file changes it)."""
         files = []
         for s in self.stages:
-            for p in (s.folder / f"fold_{self.spec.fold}" / self.spec.checkpoint,
-                      s.folder / "plans.json", s.folder / "dataset.json"):
+            paths = ((s.folder,) if self.spec.family == "dosma2d" else
+                     (s.folder / f"fold_{self.spec.fold}" / self.spec.checkpoint,
+                      s.folder / "plans.json", s.folder / "dataset.json"))
+            for p in paths:
                 st = p.stat()
                 files.append((str(p), st.st_size, st.st_mtime_ns))
         return (tuple(files), self.commit)
@@ -114,6 +133,8 @@ class ResolvedModel:
     def info(self) -> dict:
         """JSON-serialisable description for the provenance record."""
         spec = self.spec
+        if spec.family == "dosma2d":
+            return self._dosma_info()
         out = {
             "id": spec.id,
             "name": spec.name,
@@ -140,8 +161,34 @@ class ResolvedModel:
                 L.LABEL_NAMES[v] for v in spec.keep_largest)
         return out
 
+    def _dosma_info(self) -> dict:
+        spec = self.spec
+        out = {
+            "id": spec.id, "name": spec.name, "family": spec.family, "source": spec.source,
+            "demo": spec.demo, "planes": [s.configuration for s in self.stages],
+            "files": [s.folder.name for s in self.stages],
+            "fusion": "SimpleITK MultiLabelSTAPLE" if len(self.stages) > 1 else None,
+            "label_map": {str(k): v for k, v in sorted(self.label_map.items())},
+        }
+        if spec.repo_id and self.commit is not None:
+            out.update(repo=spec.repo_id, revision=spec.revision, commit=self.commit)
+        else:
+            out["path"] = str(self.stages[0].folder.parent)
+        return out
+
 
 # ---------------------------------------------------------------- registry
+
+
+def _dosma_spec(model_id: str, name: str, planes: tuple[str, ...], files: tuple[str, ...],
+                description: str) -> ModelSpec:
+    return ModelSpec(id=model_id, name=name, configurations=planes, dataset="DOSMA",
+                     trainer="", plans="", fold="", checkpoint="", repo_id=DOSMA_HUB_REPO,
+                     stage_folders=files, description=description, family="dosma2d")
+
+
+_GOYAL = ("DOSMA 2D U-Net (Goyal et al. 2024, qDESS bone + cartilage, TensorFlow/Keras .h5 run "
+          "in torch)")
 
 REGISTRY: dict[str, ModelSpec] = {
     "nnunet_knee": ModelSpec(
@@ -179,6 +226,26 @@ REGISTRY: dict[str, ModelSpec] = {
         # is used as nnU-Net gives it (no post-processing, like the original app).
         keep_largest=L.SEG_LABELS,
     ),
+    "dosma_goyal2024": _dosma_spec(
+        "dosma_goyal2024", "DOSMA 2D U-Net, sagittal (Goyal 2024; the reference site's default)",
+        ("sagittal",), (DOSMA_GOYAL2024_FILE,),
+        f"{_GOYAL}: acl_qdess_bone_july_2024, sagittal slices at 512×512 (the same file as "
+        "goyal_sagittal). The reference website's default model ('dosma_ananya')."),
+    "goyal_sagittal": _dosma_spec(
+        "goyal_sagittal", "DOSMA 2D U-Net, sagittal (Goyal 2024)", ("sagittal",),
+        (DOSMA_FILES["sagittal"],), f"{_GOYAL}: sagittal slices at 512×512."),
+    "goyal_coronal": _dosma_spec(
+        "goyal_coronal", "DOSMA 2D U-Net, coronal (Goyal 2024)", ("coronal",),
+        (DOSMA_FILES["coronal"],), f"{_GOYAL}: coronal slices at 160×512 (LR × SI)."),
+    "goyal_axial": _dosma_spec(
+        "goyal_axial", "DOSMA 2D U-Net, axial (Goyal 2024)", ("axial",),
+        (DOSMA_FILES["axial"],), f"{_GOYAL}: axial slices at 160×512 (LR × AP)."),
+    "goyal_staple": _dosma_spec(
+        "goyal_staple", "DOSMA 2D U-Nets, three planes fused with STAPLE (Goyal 2024)",
+        ("sagittal", "coronal", "axial"), tuple(DOSMA_FILES.values()),
+        f"{_GOYAL}: the sagittal, coronal and axial models fused with SimpleITK's "
+        "MultiLabelSTAPLE (coronal not trusted for patellar cartilage, axial not for tibial "
+        "cartilage and menisci)."),
 }
 
 
@@ -231,10 +298,12 @@ def preload_from_hub(ids: list[str] | None = None) -> list[str]:
     """Entries for a Hugging Face Space's ``preload_from_hub`` README front matter.
 
     One ``<repo> <file>,<file>,... [revision]`` line per Hub repo, with exactly the files the
-    given registry models (default: all Hub models) need.
+    given registry models (default: the nnU-Net Hub models; the DOSMA files add ~0.65 GB and
+    are fetched on first use) need.
     """
     files: dict[tuple[str, str], list[str]] = {}
-    for spec in (REGISTRY[i] for i in (ids or list(REGISTRY))):
+    default = [i for i, s in REGISTRY.items() if s.family == "nnunet"]
+    for spec in (REGISTRY[i] for i in (ids or default)):
         if spec.repo_id:
             wanted = files.setdefault((spec.repo_id, spec.revision), [])
             wanted += [f for f in spec.hub_files() if f not in wanted]
@@ -246,6 +315,8 @@ def preload_from_hub(ids: list[str] | None = None) -> list[str]:
 
 def is_available(spec: ModelSpec, *, cache_dir: str | os.PathLike | None = None) -> bool:
     """Are all files inference needs on this host (local folder, or the Hub cache)?"""
+    if _dosma_env_dir(spec) is not None:
+        return True
     if spec.repo_id is None:
         return spec.local_dir is not None and all(
             (spec.local_dir / p).is_file() for p in spec.required_files()
@@ -279,6 +350,9 @@ def resolve(
     """
     spec = model if isinstance(model, ModelSpec) else get_spec(model)
     commit = None
+    local_dosma = _dosma_env_dir(spec)
+    if local_dosma is not None:
+        spec = replace(spec, repo_id=None, local_dir=local_dosma)
     if spec.repo_id:
         base, commit = _hub_snapshot(spec, download=download, cache_dir=cache_dir)
     else:
@@ -297,6 +371,10 @@ def resolve(
         )
     pairs = zip(spec.configurations, spec.folder_names(), strict=True)
     stages = tuple(Stage(cfg, base / folder) for cfg, folder in pairs)
+    if spec.family == "dosma2d":  # DOSMA's native labels are the pipeline's (0-9)
+        identity = {v: v for v in (0, *L.SEG_LABELS)}
+        return ResolvedModel(spec, stages, identity, {v: L.LABEL_NAMES.get(v, "background")
+                                                      for v in identity}, [], commit, "dosma2d")
     plans = [_read_json(s.folder / "plans.json") for s in stages]
     datasets = [_read_json(s.folder / "dataset.json") for s in stages]
     _check_stages(spec, stages, plans)
@@ -533,6 +611,8 @@ def spec_from_path(path: str | os.PathLike, *, model_id: str | None = None) -> M
     then ``3d_fullres``, then the only configuration there is.
     """
     path = Path(path).expanduser().resolve()
+    if path.suffix.lower() in (".h5", ".hdf5") or _dosma_folder_planes(path):
+        return _dosma_spec_from_path(path, model_id)
     if is_stage_folder(path):
         return _spec_from_stage(path, model_id)
     stage_dirs = [p for p in sorted(path.iterdir()) if p.is_dir() and is_stage_folder(p)] \
@@ -741,3 +821,73 @@ def _env_models() -> list[ModelSpec]:
         seen.add(mid)
         out.append(replace(s, id=mid))
     return out
+
+
+# ---------------------------------------------------------------- DOSMA 2D files
+
+
+def _dosma_folder_planes(folder: Path) -> dict[str, str]:
+    """Plane -> published file name for the DOSMA files present in ``folder``."""
+    if not folder.is_dir():
+        return {}
+    found = {p: f for p, f in DOSMA_FILES.items() if (folder / f).is_file()}
+    if not found and (folder / DOSMA_GOYAL2024_FILE).is_file():
+        found["sagittal"] = DOSMA_GOYAL2024_FILE
+    return found
+
+
+def _dosma_env_dir(spec: ModelSpec) -> Path | None:
+    """``KNEE_DOSMA_DIR`` when it holds every file of a registered DOSMA model."""
+    raw = os.environ.get(ENV_DOSMA_DIR, "")
+    if spec.family != "dosma2d" or not raw:
+        return None
+    folder = Path(raw).expanduser()
+    return folder if all((folder / f).is_file() for f in spec.stage_folders) else None
+
+
+def _plane_of_file(path: Path) -> str:
+    """The plane a DOSMA ``.h5`` file was trained on: from its name, else from its input
+    shape (square sagittal 512×512; coronal and axial are both 160×512, so they need a name)."""
+    name = path.name.lower()
+    for plane in DOSMA_FILES:
+        if plane in name or (plane == "sagittal" and name == DOSMA_GOYAL2024_FILE.lower()):
+            return plane
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            config = json.loads(f.attrs["model_config"])
+        first = config["config"]["layers"][0]["config"]
+        shape = first.get("batch_input_shape") or first.get("batch_shape")
+    except Exception:  # unreadable files are refused when loaded, with the reason
+        shape = None
+    if shape and len(shape) == 4 and shape[2] == shape[3]:
+        return "sagittal"
+    raise PipelineError(
+        ErrorCode.MODEL_UNAVAILABLE,
+        f"{path.name}: cannot tell which plane this DOSMA model segments; put sagittal, coronal "
+        "or axial in its file name.",
+    )
+
+
+def _dosma_spec_from_path(path: Path, model_id: str | None) -> ModelSpec:
+    """A local DOSMA model: one ``.h5`` file (its plane), or a folder of the published files
+    (all three planes: STAPLE; one: that plane)."""
+    if path.is_file():
+        planes, files, base = (_plane_of_file(path),), (path.name,), path.parent
+    elif path.is_dir():
+        found = _dosma_folder_planes(path)
+        planes, files, base = tuple(found), tuple(found.values()), path
+        if len(planes) == 2:
+            raise PipelineError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                f"{path} holds the DOSMA {' and '.join(planes)} models: STAPLE needs all three "
+                "planes; pass one .h5 file instead.",
+            )
+    else:
+        raise PipelineError(ErrorCode.MODEL_UNAVAILABLE, f"{path} does not exist.")
+    name = ("DOSMA 2D U-Nets (local), three planes + STAPLE" if len(planes) == 3
+            else f"DOSMA 2D U-Net (local), {planes[0]}")
+    return replace(_dosma_spec(model_id or f"local:{path.name}", name, planes, files,
+                               f"DOSMA 2D Keras model(s) from {path}"),
+                   repo_id=None, local_dir=base)

@@ -156,8 +156,9 @@ class Segmenter:
             if state is None:
                 return
             for p in state.predictors:
-                p.network = None
-                p.list_of_parameters = None
+                if hasattr(p, "list_of_parameters"):  # nnU-Net predictors hold two copies
+                    p.network = None
+                    p.list_of_parameters = None
             state.predictors.clear()
             del state
             _release_freed_memory()
@@ -192,6 +193,8 @@ class Segmenter:
         try:
             reused = self._state is not None and self._state.key == (*resolved.key, str(dev))
             state = self._predictors(resolved, dev)
+            if resolved.spec.family == "dosma2d":
+                return self._run_dosma(loaded, resolved, state, reused, progress)
             image, spacing, grid = _nnunet_input(loaded.image, resolved.reader)
             seconds: dict[str, float] = {"load": 0.0 if reused else round(state.seconds, 3)}
             n = len(state.predictors)
@@ -231,12 +234,38 @@ class Segmenter:
         }
         return seg, info
 
+    def _run_dosma(self, loaded: LoadedImage, resolved: models.ResolvedModel, state: _Loaded,
+                   reused: bool, progress: ProgressFn | None) -> tuple[sitk.Image, dict]:
+        """A DOSMA 2D model (one plane, or three fused with STAPLE) on ``loaded.image``."""
+        from .dosma2d.runner import segment_planes
+
+        graphs = {stage.configuration: graph
+                  for stage, graph in zip(resolved.stages, state.predictors, strict=True)}
+        seg, seconds, notes = segment_planes(loaded.image, graphs, progress=progress)
+        info = {
+            **resolved.info(),
+            "device": str(state.device),
+            "torch_threads": _torch_threads(),
+            "model_reused": reused,
+            "seconds": {"load": 0.0 if reused else round(state.seconds, 3), **seconds},
+            "libraries": _versions(),
+            "warnings": notes + _result_notes(seg, resolved),
+        }
+        return seg, info
+
     def _predictors(self, resolved: models.ResolvedModel, dev) -> _Loaded:
         """The loaded predictors for this model and device, loading (and unloading) as needed."""
         key = (*resolved.key, str(dev))
         if self._state is not None and self._state.key == key:
             return self._state
         self.unload()  # one model in memory at a time
+        if resolved.spec.family == "dosma2d":
+            from .dosma2d.keras_h5 import load_keras_h5
+
+            start = time.perf_counter()
+            graphs = [load_keras_h5(stage.folder, device=dev) for stage in resolved.stages]
+            self._state = _Loaded(key, dev, graphs, time.perf_counter() - start)
+            return self._state
         cls = _predictor_class()
         start = time.perf_counter()
         predictors = []
@@ -550,7 +579,7 @@ def _versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for dist in ("nnunetv2", "torch", "dynamic_network_architectures"):
+    for dist in ("nnunetv2", "torch", "dynamic_network_architectures", "h5py"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
