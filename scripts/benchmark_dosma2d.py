@@ -32,17 +32,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmark_util import peak_mb  # noqa: E402
+
 SHORT = {"sagittal": "sag", "coronal": "cor", "axial": "ax"}
 
 
-def _peak_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def main() -> None:
@@ -136,7 +130,7 @@ def main() -> None:
             print(f"  {name:24s} {value:8.3f} s")
         print(f"  dice vs phantom truth: {dice}")
     report["runs"] = runs
-    report["peak_rss_mb"] = round(_peak_rss_mb() or 0)
+    report["peak_rss_mb"] = round(peak_mb())
     print(f"load {load_s:.2f} s, peak RSS {report['peak_rss_mb']} MB"
           + (f", peak GPU {runs[-1]['peak_gpu_mb']} MB" if device.type == "cuda" else ""))
     if args.out_json:

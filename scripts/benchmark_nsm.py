@@ -40,9 +40,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -54,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from benchmark_util import cores, peak_mb  # noqa: E402
 
 from pipeline.shape import (  # noqa: E402
     TriMesh,
@@ -96,27 +95,10 @@ PHANTOM_FOV_MM = (112.0, 140.0, 140.0)
 OPTIONAL = ("vtk", "pyvista", "point_cloud_utils")
 
 
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
-def _proc_status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
 
 
-def _peak_mb() -> float:
-    """Peak resident memory of this process (Linux VmHWM; ru_maxrss elsewhere)."""
-    hwm = _proc_status_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _installed(name: str) -> bool:
@@ -334,7 +316,7 @@ def run_once(args, paths, config, recon, bone, cart, dev, probe, standins, out_d
         "assd_bone_mm": result.assd_bone_mm,
         "assd_cartilage_mm": result.assd_cartilage_mm,
         "bscore": score,
-        "peak_rss_mb": round(_peak_mb()),
+        "peak_rss_mb": round(peak_mb()),
     }
     if dev.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 1024**2)
@@ -473,7 +455,7 @@ def main() -> None:
 
     print(f"python {platform.python_version()}, torch {torch.__version__}, device {dev}"
           + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
-          + f", {torch.get_num_threads()} CPU threads / {_cores()} cores", file=sys.stderr)
+          + f", {torch.get_num_threads()} CPU threads / {cores()} cores", file=sys.stderr)
     print(f"TF32: torch.backends.cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
           f"torch.backends.cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}", file=sys.stderr)
     print("installed: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in present.items())
@@ -509,7 +491,7 @@ def main() -> None:
         probe.install(standins)
         report = {
             "host": {"python": platform.python_version(), "machine": platform.machine(),
-                     "cores": _cores(), "torch": torch.__version__,
+                     "cores": cores(), "torch": torch.__version__,
                      "torch_threads": torch.get_num_threads(), "device": str(dev),
                      "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                                      else None),

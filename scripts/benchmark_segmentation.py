@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # nnunet_tiny: the model-folder writer of the tests
 
+from benchmark_util import cores, peak_mb, proc_status_mb  # noqa: E402
+
 RESULT_PREFIX = "BENCHMARK_RESULT "
 MODELS = ("demo", "resenc")
 RESENC_CONFIGURATIONS = ("3d_lowres", "3d_cascade_fullres")
@@ -68,36 +70,14 @@ _PROGRESS = re.compile(
 )
 
 
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
-def _proc_status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
 
 
 def _rss_mb() -> float | None:
-    return _proc_status_mb("VmRSS")
+    return proc_status_mb("VmRSS")
 
 
-def _peak_mb() -> float:
-    """Peak resident memory of this process.
-
-    Linux: VmHWM, the high-water mark of this program alone. ``ru_maxrss`` also counts what
-    the process had before ``exec`` (the forked copy of the benchmark's parent, which holds
-    torch and the model builder), so it overstates a child's peak.
-    """
-    hwm = _proc_status_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------- the random ResEnc-M model
@@ -318,7 +298,7 @@ def run_child(model: str, image_path: Path, device: str) -> dict:
         "segment_s": round(end - t0, 2),
         "rss_input_mb": round(rss_input) if rss_input else None,
         "rss_after_load_mb": round(rss_loaded) if rss_loaded else None,
-        "peak_rss_mb": round(_peak_mb()),
+        "peak_rss_mb": round(peak_mb()),
         "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "status": status,
         "warnings": warnings,
@@ -396,7 +376,7 @@ def main() -> None:
                         metavar=("I", "J", "K"), help="phantom grid (SimpleITK order)")
     parser.add_argument("--spacing", nargs=3, type=float, default=[0.365, 0.365, 0.7],
                         metavar=("SI", "SJ", "SK"), help="phantom spacing, mm")
-    parser.add_argument("--threads", type=int, default=_cores(),
+    parser.add_argument("--threads", type=int, default=cores(),
                         help="torch threads (default: all %(default)s cores)")
     parser.add_argument("--device", default="auto",
                         help="auto (default: CUDA when present), cpu, cuda, cuda:N")
@@ -448,7 +428,7 @@ def main() -> None:
     if args.out_json:
         report = {
             "host": {"python": platform.python_version(), "machine": platform.machine(),
-                     "cores": _cores()},
+                     "cores": cores()},
             "args": {"models": args.models, "size": args.size, "spacing": args.spacing,
                      "threads": args.threads, "device": args.device},
             "architectures": architectures,

@@ -99,6 +99,10 @@ class _Op(nn.Module):
 
     weight_names: tuple[str, ...] = ()
 
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        self.layer = layer
+
     def set_weights(self, arrays: list[np.ndarray]) -> None:
         if len(arrays) != len(self.weight_names):
             raise KerasModelError(
@@ -117,9 +121,11 @@ class _Op(nn.Module):
     def _convert(self, name: str, array: np.ndarray) -> np.ndarray:
         return array
 
-    def __init__(self, layer: str) -> None:
-        super().__init__()
-        self.layer = layer
+    def _kernel_and_bias(self, kernel_shape: tuple[int, ...], filters: int, cfg: dict) -> None:
+        """Parameters of a convolution: ``weight`` (torch layout) and, with ``use_bias``, bias."""
+        self.weight = _param(*kernel_shape)
+        self.bias = _param(filters) if cfg.get("use_bias", True) else None
+        self.weight_names = ("weight", "bias") if self.bias is not None else ("weight",)
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -140,13 +146,7 @@ class _Conv2D(_Op):
         if in_ch % self.groups:
             raise KerasModelError(f"layer {layer!r}: {in_ch} channels in {self.groups} groups")
         filters = int(cfg["filters"])
-        self.weight = _param(filters, in_ch // self.groups, *self.k)
-        self.weight_names = ("weight",)
-        if cfg.get("use_bias", True):
-            self.bias = _param(filters)
-            self.weight_names = ("weight", "bias")
-        else:
-            self.bias = None
+        self._kernel_and_bias((filters, in_ch // self.groups, *self.k), filters, cfg)
 
     def _convert(self, name: str, array: np.ndarray) -> np.ndarray:
         # Keras kernel (kh, kw, in, out) -> torch (out, in, kh, kw).
@@ -180,13 +180,7 @@ class _Conv2DTranspose(_Op):
             raise KerasModelError(f"layer {layer!r} (Conv2DTranspose): 'same' with a kernel "
                                   "smaller than its stride is not supported")
         filters = int(cfg["filters"])
-        self.weight = _param(in_ch, filters, *self.k)
-        self.weight_names = ("weight",)
-        if cfg.get("use_bias", True):
-            self.bias = _param(filters)
-            self.weight_names = ("weight", "bias")
-        else:
-            self.bias = None
+        self._kernel_and_bias((in_ch, filters, *self.k), filters, cfg)
 
     def _convert(self, name: str, array: np.ndarray) -> np.ndarray:
         # Keras kernel (kh, kw, out, in) -> torch ConvTranspose (in, out, kh, kw).
