@@ -431,6 +431,15 @@ def _hub_snapshot(
             return base, commit
         errors.append(f"files missing from {'the cache' if local_only else 'the repo'}")
     reason = errors[-1] if errors else "not cached"
+    if spec.family == "dosma2d":
+        raise PipelineError(
+            ErrorCode.MODEL_UNAVAILABLE,
+            f"the weights of model {spec.id!r} ({', '.join(spec.stage_folders)}) are not on this "
+            f"host and could not be fetched from the Hugging Face Hub repo {spec.repo_id!r}: "
+            f"{reason}. To provide them: run once with internet access (cached under $HF_HOME), "
+            f"or put the files in a folder and set {ENV_DOSMA_DIR} to it (or pass --model "
+            "FOLDER or --model FILE.h5), or upload your own segmentation (--seg).",
+        )
     raise PipelineError(
         ErrorCode.MODEL_UNAVAILABLE,
         f"the weights of model {spec.id!r} are not on this host and could not be fetched from "

@@ -56,7 +56,8 @@ class Options:
 
     @staticmethod
     def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--model", help="segmentation model: registry name or local folder")
+        parser.add_argument("--model", help="segmentation model: registry name, local nnU-Net "
+                            "folder, or DOSMA .h5 file / folder")
         parser.add_argument("--cart-smooth", type=float, default=0.3125,
                             help="cartilage Gaussian smoothing variance (mm²)")
         parser.add_argument("--no-t2", action="store_true", help="skip qDESS T2 mapping")
