@@ -352,7 +352,8 @@ def resolve(
     commit = None
     local_dosma = _dosma_env_dir(spec)
     if local_dosma is not None:
-        spec = replace(spec, repo_id=None, local_dir=local_dosma)
+        spec = replace(spec, repo_id=None, local_dir=local_dosma,
+                       demo=local_dosma.resolve().is_relative_to(ASSETS_MODELS))
     if spec.repo_id:
         base, commit = _hub_snapshot(spec, download=download, cache_dir=cache_dir)
     else:
@@ -897,6 +898,9 @@ def _dosma_spec_from_path(path: Path, model_id: str | None) -> ModelSpec:
         raise PipelineError(ErrorCode.MODEL_UNAVAILABLE, f"{path} does not exist.")
     name = ("DOSMA 2D U-Nets (local), three planes + STAPLE" if len(planes) == 3
             else f"DOSMA 2D U-Net (local), {planes[0]}")
+    demo = base.resolve().is_relative_to(ASSETS_MODELS)  # the shipped toy planes
+    if demo:
+        name = f"DEMO: {name}, trained on synthetic phantoms (not for real MRI)"
     return replace(_dosma_spec(model_id or f"local:{path.name}", name, planes, files,
                                f"DOSMA 2D Keras model(s) from {path}"),
-                   repo_id=None, local_dir=base)
+                   repo_id=None, local_dir=base, demo=demo)

@@ -8,6 +8,7 @@ by scripts/train_demo_dosma.py) for segmentations worth measuring.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -173,3 +174,40 @@ def test_segmenter_runs_planes_and_staple(monkeypatch):
     # validation Dice on unseen phantoms, scripts/train_demo_dosma.py).
     assert dice["femur"] >= 0.9 and dice["tibia"] >= 0.9 and dice["patella"] >= 0.8, dice
     assert dice["femoral_cartilage"] >= 0.6, dice
+
+
+@needs_demo
+def test_analyze_end_to_end_with_a_registry_name(tmp_path):
+    """``analyze --model goyal_coronal`` with its file from ``KNEE_DOSMA_DIR`` (the demo
+    coronal plane) on the bundled example: the whole pipeline (subregions, meshes, thickness,
+    zip) from a DOSMA segmentation, thickness against the phantom's designed values."""
+    env = {**os.environ, models.ENV_DOSMA_DIR: str(DEMO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "analyze", str(EXAMPLE), "--out", str(tmp_path),
+         "--model", "goyal_coronal", "--no-t2", "--device", "cpu"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    zip_path = Path(proc.stdout.strip().splitlines()[-1])
+    assert zip_path == tmp_path / "knee_phantom_results.zip" and zip_path.is_file()
+    assert "toy model" in proc.stderr  # weights from assets/: flagged as the demo
+    model = json.loads((tmp_path / "knee_phantom_provenance.json").read_text())["model"]
+    assert model["id"] == "goyal_coronal" and model["family"] == "dosma2d"
+    assert model["planes"] == ["coronal"] and model["files"] == ["coronal_best_model.h5"]
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "knee_phantom_all-labels.nii.gz")))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(EXAMPLE_SEG)))
+    dice = {L.LABEL_NAMES[v]: round(_dice(seg, truth, v), 3) for v in L.SEG_LABELS}
+    print("demo coronal Dice through analyze:", dice)
+    assert min(dice.values()) >= 0.7, dice
+    # Regional means from the toy's 64×128 slices against the designed thickness: within
+    # 0.5 mm (the 0.6 mm grid resampled to ~0.9 mm pixels and back costs about a pixel).
+    flat = json.loads((tmp_path / "knee_phantom_results.json").read_text())
+    t = json.loads((EXAMPLE.parent / "knee_phantom_truth.json").read_text())["thickness_mm"]
+    means = {k: round(v, 3) for k, v in flat.items() if k.endswith("_mm_mean")}
+    print(means)
+    expected = {"med_tib_cart_mm_mean": t["tibial_medial"],
+                "lat_tib_cart_mm_mean": t["tibial_lateral"],
+                "pat_cart_mm_mean": t["patellar"],
+                "med_wb_fem_cart_mm_mean": t["femoral_medial"],
+                "lat_wb_fem_cart_mm_mean": t["femoral_lateral"]}
+    for key, value in expected.items():
+        assert abs(flat[key] - value) <= 0.5, (key, flat[key], value)
