@@ -113,9 +113,13 @@ def test_unknown_layer_class_or_option_is_refused():
 
     option = json.loads(json.dumps(config))
     conv = next(la for la in option["config"]["layers"] if la["class_name"] == "Conv2D")
-    conv["config"]["padding"] = "causal"  # a value it reads but cannot honour
     conv["config"]["depth_multiplier"] = 2  # an option it does not read
     assert "depth_multiplier" in _refusal(option)
+
+    causal = json.loads(json.dumps(config))
+    conv = next(la for la in causal["config"]["layers"] if la["class_name"] == "Conv2D")
+    conv["config"]["padding"] = "causal"  # an option it reads, with a value it cannot honour
+    assert "causal" in _refusal(causal)
 
     act = json.loads(json.dumps(config))
     a = next(la for la in act["config"]["layers"] if la["class_name"] == "Activation")

@@ -341,10 +341,14 @@ def _check_options(cls: str, layer: str, cfg: dict) -> None:
     for key, value in cfg.items():
         if key in _IGNORED_KEYS or key.endswith(_IGNORED_SUFFIXES) or key in _OPTIONS[cls]:
             continue
-        if value is None or (key == "activity_regularizer"):
+        if value is None:
             continue
         raise KerasModelError(f"layer {layer!r} ({cls}): option {key}={value!r} is not "
                               "supported by the torch runner")
+    if "padding" in _OPTIONS[cls] and cls != "ZeroPadding2D" and \
+            cfg.get("padding", "valid") not in ("same", "valid"):
+        raise KerasModelError(f"layer {layer!r} ({cls}): padding {cfg['padding']!r} is not "
+                              "supported (same, valid)")
     fmt = cfg.get("data_format")
     if fmt is not None and fmt != "channels_first":
         raise KerasModelError(f"layer {layer!r} ({cls}): data_format {fmt!r}; only "
