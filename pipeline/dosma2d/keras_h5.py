@@ -391,7 +391,10 @@ def _build_op(cls: str, layer: str, cfg: dict, in_shapes: list[tuple[int, ...]])
         return _Fn(layer, lambda x: x[:, :, t: x.shape[2] - b, left: x.shape[3] - r])
     if cls == "Softmax":
         axis = cfg.get("axis", -1)
-        axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else int(axis)
+        axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+        if not isinstance(axis, int):
+            raise KerasModelError(f"layer {layer!r} (Softmax): axis {axis!r}; one axis is "
+                                  "supported")
         return _Fn(layer, lambda x: torch.softmax(x, dim=axis))
     if cls == "Activation":
         return _Fn(layer, _activation(cfg["activation"], layer))
