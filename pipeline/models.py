@@ -352,8 +352,7 @@ def resolve(
     commit = None
     local_dosma = _dosma_env_dir(spec)
     if local_dosma is not None:
-        spec = replace(spec, repo_id=None, local_dir=local_dosma,
-                       demo=local_dosma.resolve().is_relative_to(ASSETS_MODELS))
+        spec = replace(spec, repo_id=None, local_dir=local_dosma, demo=_shipped(local_dosma))
     if spec.repo_id:
         base, commit = _hub_snapshot(spec, download=download, cache_dir=cache_dir)
     else:
@@ -621,7 +620,7 @@ def spec_from_path(path: str | os.PathLike, *, model_id: str | None = None) -> M
     then ``3d_fullres``, then the only configuration there is.
     """
     path = Path(path).expanduser().resolve()
-    if path.suffix.lower() in (".h5", ".hdf5") or _dosma_folder_planes(path):
+    if path.suffix.lower() in (".h5", ".hdf5") or dosma_folder_planes(path):
         return _dosma_spec_from_path(path, model_id)
     if is_stage_folder(path):
         return _spec_from_stage(path, model_id)
@@ -836,7 +835,7 @@ def _env_models() -> list[ModelSpec]:
 # ---------------------------------------------------------------- DOSMA 2D files
 
 
-def _dosma_folder_planes(folder: Path) -> dict[str, str]:
+def dosma_folder_planes(folder: Path) -> dict[str, str]:
     """Plane -> published file name for the DOSMA files present in ``folder``."""
     if not folder.is_dir():
         return {}
@@ -844,6 +843,11 @@ def _dosma_folder_planes(folder: Path) -> dict[str, str]:
     if not found and (folder / DOSMA_GOYAL2024_FILE).is_file():
         found["sagittal"] = DOSMA_GOYAL2024_FILE
     return found
+
+
+def _shipped(folder: Path) -> bool:
+    """Weights under ``assets/models``: the project's toy models, flagged as demo."""
+    return folder.resolve().is_relative_to(ASSETS_MODELS)
 
 
 def _dosma_env_dir(spec: ModelSpec) -> Path | None:
@@ -862,16 +866,13 @@ def _plane_of_file(path: Path) -> str:
     for plane in DOSMA_FILES:
         if plane in name or (plane == "sagittal" and name == DOSMA_GOYAL2024_FILE.lower()):
             return plane
-    try:
-        import h5py
+    from .dosma2d.keras_h5 import input_shape_of
 
-        with h5py.File(path, "r") as f:
-            config = json.loads(f.attrs["model_config"])
-        first = config["config"]["layers"][0]["config"]
-        shape = first.get("batch_input_shape") or first.get("batch_shape")
+    try:
+        shape = input_shape_of(path)
     except Exception:  # unreadable files are refused when loaded, with the reason
         shape = None
-    if shape and len(shape) == 4 and shape[2] == shape[3]:
+    if shape and shape[1] == shape[2]:
         return "sagittal"
     raise PipelineError(
         ErrorCode.MODEL_UNAVAILABLE,
@@ -886,7 +887,7 @@ def _dosma_spec_from_path(path: Path, model_id: str | None) -> ModelSpec:
     if path.is_file():
         planes, files, base = (_plane_of_file(path),), (path.name,), path.parent
     elif path.is_dir():
-        found = _dosma_folder_planes(path)
+        found = dosma_folder_planes(path)
         planes, files, base = tuple(found), tuple(found.values()), path
         if len(planes) == 2:
             raise PipelineError(
@@ -898,7 +899,7 @@ def _dosma_spec_from_path(path: Path, model_id: str | None) -> ModelSpec:
         raise PipelineError(ErrorCode.MODEL_UNAVAILABLE, f"{path} does not exist.")
     name = ("DOSMA 2D U-Nets (local), three planes + STAPLE" if len(planes) == 3
             else f"DOSMA 2D U-Net (local), {planes[0]}")
-    demo = base.resolve().is_relative_to(ASSETS_MODELS)  # the shipped toy planes
+    demo = _shipped(base)
     if demo:
         name = f"DEMO: {name}, trained on synthetic phantoms (not for real MRI)"
     return replace(_dosma_spec(model_id or f"local:{path.name}", name, planes, files,

@@ -196,7 +196,7 @@ class Segmenter:
             if resolved.spec.family == "dosma2d":
                 return self._run_dosma(loaded, resolved, state, reused, progress)
             image, spacing, grid = _nnunet_input(loaded.image, resolved.reader)
-            seconds: dict[str, float] = {"load": 0.0 if reused else round(state.seconds, 3)}
+            seconds: dict[str, float] = {}
             n = len(state.predictors)
             previous = None
             pairs = zip(resolved.stages, state.predictors, strict=True)
@@ -222,16 +222,8 @@ class Segmenter:
         seg = _to_pipeline_image(raw, resolved, loaded.image, grid)
         if resolved.spec.keep_largest:
             seg = _keep_largest(seg, resolved.spec.keep_largest)
-        info = {
-            **resolved.info(),
-            "device": str(dev),
-            "use_mirroring": bool(use_mirroring),
-            "torch_threads": threads,
-            "model_reused": reused,
-            "seconds": seconds,
-            "libraries": _versions(),
-            "warnings": _result_notes(seg, resolved),
-        }
+        info = _model_record(resolved, state, reused, seconds, _result_notes(seg, resolved),
+                             use_mirroring=bool(use_mirroring))
         return seg, info
 
     def _run_dosma(self, loaded: LoadedImage, resolved: models.ResolvedModel, state: _Loaded,
@@ -242,16 +234,8 @@ class Segmenter:
         graphs = {stage.configuration: graph
                   for stage, graph in zip(resolved.stages, state.predictors, strict=True)}
         seg, seconds, notes = segment_planes(loaded.image, graphs, progress=progress)
-        info = {
-            **resolved.info(),
-            "device": str(state.device),
-            "torch_threads": _torch_threads(),
-            "model_reused": reused,
-            "seconds": {"load": 0.0 if reused else round(state.seconds, 3), **seconds},
-            "libraries": _versions(),
-            "warnings": notes + _result_notes(seg, resolved),
-        }
-        return seg, info
+        return seg, _model_record(resolved, state, reused, seconds,
+                                  notes + _result_notes(seg, resolved))
 
     def _predictors(self, resolved: models.ResolvedModel, dev) -> _Loaded:
         """The loaded predictors for this model and device, loading (and unloading) as needed."""
@@ -305,6 +289,21 @@ class Segmenter:
         _release_freed_memory()
         self._state = _Loaded(key, dev, predictors, time.perf_counter() - start)
         return self._state
+
+
+def _model_record(resolved: models.ResolvedModel, state: _Loaded, reused: bool,
+                  seconds: dict[str, float], warnings: list[str], **extra) -> dict:
+    """The JSON-serialisable model record of one segmentation (for the provenance)."""
+    return {
+        **resolved.info(),
+        "device": str(state.device),
+        **extra,
+        "torch_threads": _torch_threads(),
+        "model_reused": reused,
+        "seconds": {"load": 0.0 if reused else round(state.seconds, 3), **seconds},
+        "libraries": _versions(),
+        "warnings": warnings,
+    }
 
 
 # The process's own segmenter: the CLI and the app's worker process use it through these.

@@ -59,11 +59,11 @@ def main() -> None:
     from pipeline import phantom
     from pipeline.dosma2d.keras_h5 import load_keras_h5, predict
     from pipeline.dosma2d.runner import segment_planes
-    from pipeline.models import _dosma_folder_planes
+    from pipeline.models import dosma_folder_planes
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    files = _dosma_folder_planes(args.models)
+    files = dosma_folder_planes(args.models)
     if not files:
         sys.exit(f"no DOSMA plane files in {args.models}")
     start = time.perf_counter()

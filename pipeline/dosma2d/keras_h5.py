@@ -495,6 +495,23 @@ def _inbound(layer: dict) -> tuple[str, ...]:
     return tuple(sources)
 
 
+def _batch_shape(cfg: dict) -> list | None:
+    """An InputLayer's (N, C, H, W): Keras 2 ``batch_input_shape``, Keras 3 ``batch_shape``."""
+    return cfg.get("batch_input_shape") or cfg.get("batch_shape")
+
+
+def input_shape_of(path: str | Path) -> tuple[int, ...] | None:
+    """The (C, H, W) input of the ``.h5`` model at ``path``, from its graph alone (no weights
+    read); None when the file holds no 4-D InputLayer first."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        config = json.loads(_text(f.attrs["model_config"]))
+    first = config["config"]["layers"][0]
+    shape = _batch_shape(first.get("config", {})) if first["class_name"] == "InputLayer" else None
+    return tuple(int(v) for v in shape[1:]) if shape and len(shape) == 4 else None
+
+
 def _output_shape(op: _Op, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     with torch.no_grad():
         xs = [torch.zeros((1, *s[1:])) for s in in_shapes]
@@ -527,7 +544,7 @@ def build_graph(model_config: dict | str, weights: Callable[[str], list[np.ndarr
             raise KerasModelError(f"layer {name!r} uses {missing} before they are defined")
         if cls == "InputLayer":
             _check_options(cls, name, cfg)
-            shape = cfg.get("batch_input_shape") or cfg.get("batch_shape")
+            shape = _batch_shape(cfg)
             if name != inputs[0] or not shape or len(shape) != 4:
                 raise KerasModelError(f"input layer {name!r} with shape {shape!r}: one 4-D "
                                       "(N, C, H, W) input is supported")

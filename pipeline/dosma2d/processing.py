@@ -38,13 +38,15 @@ from scipy import ndimage
 from skimage.transform import resize
 from skimage.util import img_as_float
 
+from pipeline import labels as L
+
 Orientation = tuple[str, str, str]
 
 # ---------------------------------------------------------------------------------------------
 # Labels (§7): DOSMA native, identical to pipeline.labels (0 background ... 9 patella).
 # ---------------------------------------------------------------------------------------------
-LABELS: tuple[int, ...] = tuple(range(10))
-BONE_LABELS: tuple[int, ...] = (7, 8, 9)  # femur, tibia, patella: holes filled in this order
+LABELS: tuple[int, ...] = (L.BACKGROUND, *L.SEG_LABELS)
+BONE_LABELS: tuple[int, ...] = (L.FEMUR, L.TIBIA, L.PATELLA)  # holes filled in this order
 STAPLE_UNDECIDED = 10  # what SimpleITK's default gives undecided voxels when label 9 occurs
 TISSUE_NAMES: tuple[str, ...] = (
     "pc", "fc", "mtc", "ltc", "med_men", "lat_men", "fem", "tib", "pat",
