@@ -222,21 +222,25 @@ def run(
             track.seconds["Segmentation"] = round(seconds, 3)
 
         seg_c = inputs.to_canonical(seg)
-        qc = viz.qc_summary(seg_c)
-        warnings += viz.qc_warnings(qc)
-        with track.stage("Femoral subregions"):
-            sub_c, notes = _subregions(seg_c)
-            warnings += notes
-
         bone_results = []
-        for spec in thickness.BONES:
-            with track.stage(f"{spec.name.capitalize()} surface and thickness"):
-                res, notes = thickness.mesh_bone(
-                    seg_c, sub_c, spec, cart_smooth_var=options.cart_smooth_var
-                )
+        # The bone surfaces need only the labels: they start now (in worker processes when
+        # there are cores for them) and the subregions are computed meanwhile.
+        with thickness.SurfaceJobs(seg_c, cart_smooth_var=options.cart_smooth_var) as surfaces:
+            qc = viz.qc_summary(seg_c)
+            warnings += viz.qc_warnings(qc)
+            with track.stage("Femoral subregions"):
+                sub_c, notes = _subregions(seg_c)
                 warnings += notes
-                if res is not None:
-                    bone_results.append(res)
+                # Written now, while the surfaces are still being made.
+                outputs.write_image(inputs.from_canonical(seg_c, loaded.image), "all-labels")
+                outputs.write_image(inputs.from_canonical(sub_c, loaded.image),
+                                    "subregions-labels")
+            for spec in thickness.BONES:
+                with track.stage(f"{spec.name.capitalize()} surface and thickness"):
+                    res, notes = surfaces.get(spec, sub_c)
+                    warnings += notes
+                    if res is not None:
+                        bone_results.append(res)
 
         metrics = thickness.region_thickness(bone_results)
         metrics.update(thickness.region_volumes(sub_c))
@@ -255,8 +259,6 @@ def run(
                 )
 
         with track.stage("Writing results"):
-            outputs.write_image(inputs.from_canonical(seg_c, loaded.image), "all-labels")
-            outputs.write_image(inputs.from_canonical(sub_c, loaded.image), "subregions-labels")
             mesh_index = _write_meshes(outputs, bone_results)
             vis_notes: list[str] = []
             visuals = viz.write_visuals(
@@ -271,6 +273,8 @@ def run(
                 seg_source="upload" if seg_path is not None else "model",
             )
             provenance["qc"] = {"plausible": qc.get("plausible"), "reasons": qc.get("reasons")}
+            # Each bone surface's own seconds (they overlap the stages above when in workers).
+            provenance["surface_seconds"] = surfaces.seconds
             outputs.write_json(provenance, f"{loaded.stem}_provenance.json")
             zip_path = outputs.zip()
     provenance["stage_seconds"] = track.seconds  # includes the packaging step itself

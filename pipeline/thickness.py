@@ -5,7 +5,7 @@ from the label (Gaussian variance 0.5), femur/tibia cropped to 80 % of their wid
 to 20,000 points (patella 10,000), fixed with meshfix; cartilage surfaces (variance 0.3125,
 configurable); thickness by ray casting from each bone vertex; region labels (femoral
 subregions 11–15, tibial 3/4, patellar 1) assigned to the bone vertices by ray casting into
-the subregion label map.
+the subregion label map. The rays are pymskt's, cast through a BVH all at once (``rays``).
 
 One deliberate difference: cartilage surfaces are not re-meshed watertight with
 point-cloud-utils (pymskt's default ``fix_method="pcu"``). Marching cubes of a smoothed mask
@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import time
 import warnings
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import labels as L
+from . import rays
 
 THICKNESS_ARRAY = "thickness (mm)"
 REGION_ARRAY = "labels"
@@ -118,7 +120,7 @@ def _large_enough(seg: sitk.Image, labels_: list[int], notes: list[str], what: s
     return kept
 
 
-def _cartilage_meshes(bone, seg: sitk.Image, labels_: list[int], smooth_var: float) -> None:
+def _cartilage_meshes(seg: sitk.Image, labels_: list[int], smooth_var: float) -> list:
     """pymskt's ``create_cartilage_meshes`` with a physical, not voxel-count, minimum size."""
     from pymskt.mesh import CartilageMesh
 
@@ -127,7 +129,7 @@ def _cartilage_meshes(bone, seg: sitk.Image, labels_: list[int], smooth_var: flo
         mesh = CartilageMesh(seg_image=seg, label_idx=lab, min_n_pixels=1)
         mesh.create_mesh(smooth_image_var=smooth_var)
         meshes.append(mesh)
-    bone.list_cartilage_meshes = meshes
+    return meshes
 
 
 def mesh_bone(
@@ -142,7 +144,23 @@ def mesh_bone(
 
     ``seg`` and ``subregions`` must be in the canonical orientation; meshes come out in the
     images' physical (scanner LPS) coordinates, which the canonical re-storing preserves.
+    The two halves, ``bone_surface`` and ``assign_regions``, can run apart (see ``measure``).
     """
+    result, notes = bone_surface(
+        seg, spec, cart_smooth_var=cart_smooth_var, bone_smooth_var=bone_smooth_var
+    )
+    if result is not None:
+        notes += assign_regions(result, subregions, cart_smooth_var=cart_smooth_var)
+    return result, notes
+
+
+def bone_surface(
+    seg: sitk.Image, spec: BoneSpec, *, cart_smooth_var: float = 0.3125,
+    bone_smooth_var: float = 0.5,
+) -> tuple[BoneResult | None, list[str]]:
+    """The bone's surface (pymskt) with the cartilage thickness at its vertices; region labels
+    are 0 until ``assign_regions``. ``None`` (with a note) when the bone is absent or a
+    fragment."""
     from pymskt.mesh import BoneMesh
 
     seg_arr = sitk.GetArrayViewFromImage(seg)
@@ -169,23 +187,126 @@ def mesh_bone(
         bone.create_mesh(smooth_image_var=bone_smooth_var)
         bone.resample_surface(clusters=spec.n_points)
         bone.fix_mesh()
-        n = bone.GetNumberOfPoints()
-        if not carts:
-            bone.point_data[THICKNESS_ARRAY] = np.zeros(n)
-            bone.point_data[REGION_ARRAY] = np.zeros(n, dtype=int)
-            return BoneResult(spec, bone), notes
-        _cartilage_meshes(bone, seg, carts, cart_smooth_var)
-        bone.calc_cartilage_thickness(image_smooth_var_cart=cart_smooth_var)
-        thickness_meshes = list(zip(carts, bone.list_cartilage_meshes, strict=True))
+        meshes = _cartilage_meshes(seg, carts, cart_smooth_var)
+    n = bone.GetNumberOfPoints()
+    bone.point_data[REGION_ARRAY] = np.zeros(n, dtype=int)
+    if not carts:
+        bone.point_data[THICKNESS_ARRAY] = np.zeros(n)
+        return BoneResult(spec, bone), notes
+    points, normals = np.asarray(bone.points, dtype=np.float64), rays.vertex_normals(bone)
+    bone.point_data[THICKNESS_ARRAY] = sum(rays.thickness(points, normals, m) for m in meshes)
+    bone.list_cartilage_meshes = meshes
+    return BoneResult(spec, bone, [], list(zip(carts, meshes, strict=True)), tuple(carts)), notes
 
-        sub_arr = sitk.GetArrayViewFromImage(subregions)
-        regions = _large_enough(subregions, _present(sub_arr, spec.region_labels), notes, "region")
-        bone.seg_image = subregions
-        bone.list_cartilage_labels = regions
-        _cartilage_meshes(bone, subregions, regions, cart_smooth_var)
-        bone.assign_cartilage_regions(image_smooth_var_cart=cart_smooth_var)
-        cart_meshes = list(zip(regions, bone.list_cartilage_meshes, strict=True))
-    return BoneResult(spec, bone, cart_meshes, thickness_meshes, tuple(carts)), notes
+
+def assign_regions(
+    result: BoneResult, subregions: sitk.Image, *, cart_smooth_var: float = 0.3125
+) -> list[str]:
+    """Region labels (``spec.region_labels`` of the subregion map) on the bone's vertices, and
+    the region cartilage surfaces in ``result.cartilage_meshes``."""
+    if not result.cartilage_labels:
+        return []  # no cartilage on this bone: every vertex stays 0, as in pymskt
+    notes: list[str] = []
+    sub_arr = sitk.GetArrayViewFromImage(subregions)
+    regions = _large_enough(
+        subregions, _present(sub_arr, result.spec.region_labels), notes, "region"
+    )
+    with quiet_native_output():
+        meshes = _cartilage_meshes(subregions, regions, cart_smooth_var)
+    bone = result.bone_mesh
+    points, normals = np.asarray(bone.points, dtype=np.float64), rays.vertex_normals(bone)
+    labels = np.zeros(len(points), dtype=int)
+    for mesh in meshes:
+        labels += rays.region_labels(points, normals, mesh, subregions)
+    bone.point_data[REGION_ARRAY] = labels
+    result.cartilage_meshes = list(zip(regions, meshes, strict=True))
+    return notes
+
+
+class SurfaceJobs:
+    """The bone surfaces of one knee, started together (``with SurfaceJobs(seg, ...) as jobs``).
+
+    With two or more cores they run in forked children (femur alone, the tibia and patella
+    together on two cores; one each on three) while the caller computes the subregions;
+    ``get(spec)`` waits for a bone and assigns its regions here. With one core each surface is
+    computed in this process when asked for. The results are the same either way (test).
+    """
+
+    def __init__(self, seg: sitk.Image, *, cart_smooth_var: float = 0.3125,
+                 bone_smooth_var: float = 0.5, workers: int | None = None):
+        from . import parallel
+
+        self._seg = seg
+        self._cart_smooth_var = cart_smooth_var
+        self._kw = {"cart_smooth_var": cart_smooth_var, "bone_smooth_var": bone_smooth_var}
+        self._jobs: dict[str, parallel.Forked] = {}
+        self._done: dict[str, tuple[BoneResult | None, list[str], float]] = {}
+        self.seconds: dict[str, float] = {}  # per bone, as its own process measured it
+        workers = parallel.worker_count() if workers is None else workers
+        if workers < 2:
+            return
+        import pymskt.mesh  # noqa: F401 - once here, not once per worker (2 s)
+        groups = [BONES[:1], BONES[1:]] if workers == 2 else [(spec,) for spec in BONES]
+        for group in groups:
+            job = parallel.Forked(_surfaces_portable, seg, group, self._kw)
+            self._jobs.update({spec.name: job for spec in group})
+
+    def get(self, spec: BoneSpec, subregions: sitk.Image) -> tuple[BoneResult | None, list[str]]:
+        """The bone's result with its regions assigned from ``subregions``."""
+        if spec.name not in self._done:
+            job = self._jobs.get(spec.name)
+            if job is None:
+                self._done.update(_surfaces(self._seg, (spec,), self._kw))
+            else:
+                self._jobs = {name: other for name, other in self._jobs.items() if other is not job}
+                self._done.update(_reattached(job.result(), self._seg))
+        result, notes, seconds = self._done.pop(spec.name)
+        self.seconds[spec.name] = seconds
+        if result is not None:
+            notes = notes + assign_regions(
+                result, subregions, cart_smooth_var=self._cart_smooth_var
+            )
+        return result, notes
+
+    def __enter__(self) -> SurfaceJobs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for job in set(self._jobs.values()):
+            job.kill()
+        self._jobs.clear()
+
+
+def _surfaces(seg, specs, kw) -> dict[str, tuple[BoneResult | None, list[str], float]]:
+    out = {}
+    for spec in specs:
+        start = time.perf_counter()
+        result, notes = bone_surface(seg, spec, **kw)
+        out[spec.name] = (result, notes, round(time.perf_counter() - start, 3))
+    return out
+
+
+def _surfaces_portable(seg, specs, kw):
+    """``_surfaces`` for sending back from a child: the meshes drop their reference to the
+    label map (pickling it would copy the volume once per mesh); ``_reattached`` restores it."""
+    out = _surfaces(seg, specs, kw)
+    for result, _, _ in out.values():
+        for mesh in _meshes_of(result):
+            mesh.seg_image = None
+    return out
+
+
+def _reattached(out: dict, seg: sitk.Image) -> dict:
+    for result, _, _ in out.values():
+        for mesh in _meshes_of(result):
+            mesh.seg_image = seg
+    return out
+
+
+def _meshes_of(result: BoneResult | None) -> list:
+    if result is None:
+        return []
+    return [result.bone_mesh, *(mesh for _, mesh in result.thickness_meshes)]
 
 
 def depth_split(result: BoneResult, seg: sitk.Image) -> sitk.Image:

@@ -1,6 +1,14 @@
 """Per-stage seconds and peak memory of the pipeline (a benchmark, not a test).
 
     python scripts/benchmark.py                 # bundled example + 384×384×160 phantom
+    python scripts/benchmark.py --cases real --reference  # pymskt's real knee, both pipelines
+    python scripts/benchmark.py --cases dess --dess SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd
+
+Real anatomy: ``real`` is pymskt's ``right_knee_example.nrrd`` (shipped in assets/reference; it is
+also the subregion registration's reference, so that stage is atypically easy there); ``dess``
+is the other knee in the mskt 0.1.22 sdist (``pip download --no-deps --no-binary :all:
+mskt==0.1.22`` → ``data/SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd``), with menisci and
+fibula. Both are 384×384×160 3D DESS segmentations; ``analyze --seg`` sees them in our labels.
     python scripts/benchmark.py --cases example # one case
     python scripts/benchmark.py --reference     # also the plain pymskt call sequence
     python scripts/benchmark.py --t2            # T2 stage alone on a 512×512×160 pair
@@ -12,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -23,8 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _peak_mb(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024.0
+
+
+# pymskt's example knee labels → ours (its README: femur 5 with cartilage 1, tibia 6 with
+# medial 2 / lateral 3, patella 7 with 4). The DESS knee adds fibula 8 and
+# lateral / medial meniscus 9 / 10 (lateral: the fibula's side); the fibula is dropped (our
+# scheme has no label for it).
+PYMSKT_TO_OURS = {1: 2, 2: 3, 3: 4, 4: 1, 5: 7, 6: 8, 7: 9, 8: 0, 9: 6, 10: 5}
+DESS_SEG = os.environ.get("KNEE_DESS_SEG", "")
 
 
 def _case_inputs(case: str, folder: Path) -> tuple[Path, Path]:
@@ -32,6 +49,9 @@ def _case_inputs(case: str, folder: Path) -> tuple[Path, Path]:
         ex = ROOT / "assets" / "examples"
         return ex / "knee_phantom.nii.gz", ex / "knee_phantom_seg.nii.gz"
     import SimpleITK as sitk
+
+    if case in ("real", "dess"):
+        return _real_knee(folder, case)
 
     from pipeline import phantom as P
 
@@ -45,6 +65,32 @@ def _case_inputs(case: str, folder: Path) -> tuple[Path, Path]:
     return img, seg
 
 
+def _real_knee(folder: Path, case: str) -> tuple[Path, Path]:
+    """A real 3D DESS knee segmentation (384×384×160) in our labels, and an image on its grid
+    (label-derived intensities: ``--seg`` runs never look at the pixels' values)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from pipeline import regions
+
+    source = regions.REFERENCE_KNEE if case == "real" else Path(DESS_SEG)
+    if not source.is_file():
+        sys.exit(f"{case}: segmentation {source} not found (see --dess)")
+    ref = sitk.ReadImage(str(source))
+    arr = sitk.GetArrayFromImage(ref)
+    lut = np.zeros(256, np.uint8)
+    for theirs, ours in PYMSKT_TO_OURS.items():
+        lut[theirs] = ours
+    seg = sitk.GetImageFromArray(lut[arr])
+    seg.CopyInformation(ref)
+    img = sitk.GetImageFromArray(arr.astype(np.float32) * 100 + 50)
+    img.CopyInformation(ref)
+    paths = folder / f"{case}_knee.nii.gz", folder / f"{case}_knee_seg.nii.gz"
+    sitk.WriteImage(img, str(paths[0]))
+    sitk.WriteImage(seg, str(paths[1]))
+    return paths
+
+
 def run_case(case: str) -> dict:
     from pipeline.run import Options, run
 
@@ -53,8 +99,11 @@ def run_case(case: str) -> dict:
         start = time.perf_counter()
         result = run(img, Path(tmp) / "out", Options(), seg_path=seg)
         total = time.perf_counter() - start
-    return {"case": case, "total_s": round(total, 1), "stages_s": result.provenance[
-        "stage_seconds"], "peak_rss_mb": round(_peak_mb())}
+    means = _means(result.metrics.iloc[0].to_dict())
+    prov = result.provenance
+    return {"case": case, "total_s": round(total, 1), "stages_s": prov["stage_seconds"],
+            "surface_s": prov.get("surface_seconds"), "peak_rss_mb": round(_peak_mb()),
+            "peak_worker_rss_mb": round(_peak_mb(resource.RUSAGE_CHILDREN)), "means_mm": means}
 
 
 def run_reference(case: str) -> dict:
@@ -65,8 +114,10 @@ def run_reference(case: str) -> dict:
     from pymskt.image.cartilage_processing import get_knee_segmentation_with_femur_subregions
     from pymskt.mesh import BoneMesh
 
-    from pipeline import regions
+    from pipeline import regions, thickness
 
+    specs = {spec.name: spec for spec in thickness.BONES}
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         seed = Path(tempfile.gettempdir()) / "pymskt_data"
         seed.mkdir(exist_ok=True)
@@ -99,8 +150,14 @@ def run_reference(case: str) -> dict:
             bm.create_cartilage_meshes(image_smooth_var_cart=0.3125)
             bm.assign_cartilage_regions()
             times[bone] = time.perf_counter() - t
+            results.append(thickness.BoneResult(specs[bone], bm))
     return {"case": case, "reference_stages_s": {k: round(v, 1) for k, v in times.items()},
-            "reference_total_s": round(sum(times.values()), 1), "peak_rss_mb": round(_peak_mb())}
+            "reference_total_s": round(sum(times.values()), 1), "peak_rss_mb": round(_peak_mb()),
+            "means_mm": _means(thickness.region_thickness(results))}
+
+
+def _means(metrics: dict) -> dict:
+    return {k.removesuffix("_mm_mean"): v for k, v in metrics.items() if k.endswith("_mm_mean")}
 
 
 def run_t2() -> dict:
@@ -123,8 +180,11 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["example", "oai"])
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--t2", action="store_true")
+    parser.add_argument("--dess", help="path of SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.dess:
+        os.environ["KNEE_DESS_SEG"] = str(Path(args.dess).resolve())  # read by the children
     if args.child:
         kind, _, case = args.child.partition(":")
         out = {"case": run_case, "reference": run_reference}.get(kind, lambda _: run_t2())(case)
