@@ -1,7 +1,7 @@
 """Per-stage seconds and peak memory of the pipeline (a benchmark, not a test).
 
     python scripts/benchmark.py                 # bundled example + 384×384×160 phantom
-    python scripts/benchmark.py --cases real --reference  # pymskt's real knee, both pipelines
+    python scripts/benchmark.py --cases real --cli --reference  # pymskt's real knee, both ways
     python scripts/benchmark.py --cases dess --dess SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd
 
 Real anatomy: ``real`` is pymskt's ``right_knee_example.nrrd`` (shipped in assets/reference; it is
@@ -106,6 +106,44 @@ def run_case(case: str) -> dict:
             "peak_worker_rss_mb": round(_peak_mb(resource.RUSAGE_CHILDREN)), "means_mm": means}
 
 
+def run_cli(case: str) -> dict:
+    """Wall time of ``python -m pipeline analyze IMAGE --seg SEG`` as a user runs it
+    (interpreter start, imports, worker processes and the zip included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        img, seg = _case_inputs(case, Path(tmp))
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", "analyze", str(img), "--seg", str(seg), "--out",
+             str(Path(tmp) / "out")], cwd=ROOT, capture_output=True, text=True,
+        )
+        wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-2000:])
+    return {"case": case, "cli_wall_s": round(wall, 1),
+            "peak_rss_mb": round(_peak_mb(resource.RUSAGE_CHILDREN))}
+
+
+def _summary(rows: list[dict]) -> list[dict]:
+    """Per case measured both ways: speed-ups and the largest regional-mean difference."""
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        ours = {k: v for r in rows if r["case"] == case for k, v in r.items()}
+        if "reference_total_s" not in ours or "means_mm" not in ours:
+            continue
+        ref = next(r for r in rows if r["case"] == case and "reference_total_s" in r)
+        run_row = next(r for r in rows if r["case"] == case and "total_s" in r)
+        diffs = [abs(run_row["means_mm"][k] - ref["means_mm"][k]) for k in ref["means_mm"]]
+        row = {"case": case, "reference_s": ref["reference_total_s"],
+               "run_s": run_row["total_s"],
+               "speedup_run": round(ref["reference_total_s"] / run_row["total_s"], 1),
+               "max_abs_mean_diff_mm": round(max(diffs), 4)}
+        if "cli_wall_s" in ours:
+            row["cli_s"] = ours["cli_wall_s"]
+            row["speedup_cli"] = round(ref["reference_total_s"] / ours["cli_wall_s"], 1)
+        out.append(row)
+    return out
+
+
 def run_reference(case: str) -> dict:
     """The reference pipeline's plain pymskt sequence (pcu cartilage fix, full registration)."""
     import shutil
@@ -179,6 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cases", nargs="+", default=["example", "oai"])
     parser.add_argument("--reference", action="store_true")
+    parser.add_argument("--cli", action="store_true", help="also time the analyze command")
     parser.add_argument("--t2", action="store_true")
     parser.add_argument("--dess", help="path of SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -187,17 +226,23 @@ def main() -> None:
         os.environ["KNEE_DESS_SEG"] = str(Path(args.dess).resolve())  # read by the children
     if args.child:
         kind, _, case = args.child.partition(":")
-        out = {"case": run_case, "reference": run_reference}.get(kind, lambda _: run_t2())(case)
+        kinds = {"case": run_case, "reference": run_reference, "cli": run_cli}
+        out = kinds.get(kind, lambda _: run_t2())(case)
         print(json.dumps(out))
         return
     jobs = [f"case:{c}" for c in args.cases]
+    jobs += [f"cli:{c}" for c in args.cases] if args.cli else []
     jobs += [f"reference:{c}" for c in args.cases] if args.reference else []
     jobs += ["t2:"] if args.t2 else []
+    rows = []
     for job in jobs:
         proc = subprocess.run([sys.executable, __file__, "--child", job], capture_output=True,
                               text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         print(lines[-1] if lines else f"{job} failed:\n{proc.stderr[-2000:]}", flush=True)
+        rows += [json.loads(lines[-1])] if lines else []
+    for row in _summary(rows):
+        print(json.dumps({"summary": row}), flush=True)
 
 
 if __name__ == "__main__":
