@@ -80,12 +80,27 @@ def _cropped(mask: sitk.Image, margin_mm: float = 15.0) -> sitk.Image:
     stats.Execute(sitk.Cast(mask, sitk.sitkUInt8))
     if 1 not in stats.GetLabels():
         return mask
-    x, y, z, sx, sy, sz = stats.GetBoundingBox(1)
-    pad = [int(np.ceil(margin_mm / s)) for s in mask.GetSpacing()]
+    return _roi(mask, stats.GetBoundingBox(1), margin_mm)
+
+
+def _cropped_to_label(seg: sitk.Image, label: int, margin_mm: float = 15.0) -> sitk.Image:
+    """``seg`` cut to ``label``'s box plus the margin ``_cropped`` gives that label's mask, so
+    ``_binary`` of the cut is ``_cropped(_binary(seg))`` without full-volume copies."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.SetComputePerimeter(False)
+    stats.Execute(seg)
+    if label not in stats.GetLabels():
+        return seg
+    return _roi(seg, stats.GetBoundingBox(label), margin_mm)
+
+
+def _roi(image: sitk.Image, bbox, margin_mm: float) -> sitk.Image:
+    x, y, z, sx, sy, sz = bbox
+    pad = [int(np.ceil(margin_mm / s)) for s in image.GetSpacing()]
     lo = [max(0, v - p) for v, p in zip((x, y, z), pad, strict=True)]
-    hi = [min(n, v + w + p) for v, w, p, n in zip((x, y, z), (sx, sy, sz), pad, mask.GetSize(),
+    hi = [min(n, v + w + p) for v, w, p, n in zip((x, y, z), (sx, sy, sz), pad, image.GetSize(),
                                                    strict=True)]
-    return sitk.RegionOfInterest(mask, [h - low for h, low in zip(hi, lo, strict=True)], lo)
+    return sitk.RegionOfInterest(image, [h - low for h, low in zip(hi, lo, strict=True)], lo)
 
 
 def _resampled(image: sitk.Image, spacing_mm: float) -> sitk.Image:
@@ -111,10 +126,11 @@ def _resampled(image: sitk.Image, spacing_mm: float) -> sitk.Image:
 def _reference_femur_lowres(right: bool) -> sitk.Image:
     """The reference femur mask, mirrored for left knees, at registration resolution (cached:
     it is the same for every job)."""
-    reference = _binary(_reference_image(), REFERENCE_FEMUR_LABEL)
+    reference = _reference_image()
     if not right:
         reference = _mirrored(reference)
-    return _resampled(reference, REGISTRATION_SPACING_MM)
+    reference = _cropped_to_label(reference, REFERENCE_FEMUR_LABEL)
+    return _resampled(_binary(reference, REFERENCE_FEMUR_LABEL), REGISTRATION_SPACING_MM)
 
 
 def register_femur(seg: sitk.Image, right: bool, *, max_iterations: int = 100) -> sitk.Transform:
@@ -123,7 +139,8 @@ def register_femur(seg: sitk.Image, right: bool, *, max_iterations: int = 100) -
     As in pymskt, a left knee is registered to the mirrored reference.
     """
     fixed_lr = _reference_femur_lowres(right)
-    moving_lr = _resampled(_binary(seg, L.FEMUR), REGISTRATION_SPACING_MM)
+    moving_lr = _resampled(_binary(_cropped_to_label(seg, L.FEMUR), L.FEMUR),
+                           REGISTRATION_SPACING_MM)
     initial = sitk.CenteredTransformInitializer(
         fixed_lr, moving_lr, sitk.Similarity3DTransform(),
         sitk.CenteredTransformInitializerFilter.MOMENTS,
