@@ -29,9 +29,12 @@ WORKERS_ENV = "KNEE_MESH_PROCESSES"
 
 def worker_count() -> int:
     """How many processes the morphometry may use: ``KNEE_MESH_PROCESSES`` if set, else the
-    CPU cores this process may run on. 1 means everything runs in the calling process."""
+    CPU cores this process may run on; 1 (everything in the calling process) off Linux and in
+    daemonic processes."""
     if not sys.platform.startswith("linux"):
         return 1  # fork is only safe enough on Linux
+    if multiprocessing.current_process().daemon:
+        return 1  # a daemonic process (a Dask worker) may not have children
     value = os.environ.get(WORKERS_ENV, "").strip()
     if value:
         return max(1, int(value))

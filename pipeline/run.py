@@ -235,6 +235,7 @@ def run(
                 outputs.write_image(inputs.from_canonical(seg_c, loaded.image), "all-labels")
                 outputs.write_image(inputs.from_canonical(sub_c, loaded.image),
                                     "subregions-labels")
+                surfaces.prepare_regions(sub_c)
             for spec in thickness.BONES:
                 with track.stage(f"{spec.name.capitalize()} surface and thickness"):
                     res, notes = surfaces.get(spec, sub_c)

@@ -200,19 +200,17 @@ def bone_surface(
 
 
 def assign_regions(
-    result: BoneResult, subregions: sitk.Image, *, cart_smooth_var: float = 0.3125
+    result: BoneResult, subregions: sitk.Image, *, cart_smooth_var: float = 0.3125,
+    surfaces: tuple[list[int], list, list[str]] | None = None,
 ) -> list[str]:
     """Region labels (``spec.region_labels`` of the subregion map) on the bone's vertices, and
-    the region cartilage surfaces in ``result.cartilage_meshes``."""
+    the region cartilage surfaces in ``result.cartilage_meshes``; ``surfaces`` is
+    ``region_surfaces``' result when made beforehand."""
     if not result.cartilage_labels:
         return []  # no cartilage on this bone: every vertex stays 0, as in pymskt
-    notes: list[str] = []
-    sub_arr = sitk.GetArrayViewFromImage(subregions)
-    regions = _large_enough(
-        subregions, _present(sub_arr, result.spec.region_labels), notes, "region"
+    regions, meshes, notes = surfaces or region_surfaces(
+        subregions, result.spec, cart_smooth_var=cart_smooth_var
     )
-    with quiet_native_output():
-        meshes = _cartilage_meshes(subregions, regions, cart_smooth_var)
     bone = result.bone_mesh
     points, normals = np.asarray(bone.points, dtype=np.float64), rays.vertex_normals(bone)
     labels = np.zeros(len(points), dtype=int)
@@ -220,7 +218,20 @@ def assign_regions(
         labels += rays.region_labels(points, normals, mesh, subregions)
     bone.point_data[REGION_ARRAY] = labels
     result.cartilage_meshes = list(zip(regions, meshes, strict=True))
-    return notes
+    return list(notes)
+
+
+def region_surfaces(
+    subregions: sitk.Image, spec: BoneSpec, *, cart_smooth_var: float = 0.3125
+) -> tuple[list[int], list, list[str]]:
+    """The cartilage surfaces of a bone's regions (labels present and large enough), with a
+    note per region dropped. Needs only the subregion map, not the bone surface."""
+    notes: list[str] = []
+    sub_arr = sitk.GetArrayViewFromImage(subregions)
+    regions = _large_enough(subregions, _present(sub_arr, spec.region_labels), notes, "region")
+    with quiet_native_output():
+        meshes = _cartilage_meshes(subregions, regions, cart_smooth_var)
+    return regions, meshes, notes
 
 
 class SurfaceJobs:
@@ -241,6 +252,7 @@ class SurfaceJobs:
         self._kw = {"cart_smooth_var": cart_smooth_var, "bone_smooth_var": bone_smooth_var}
         self._jobs: dict[str, parallel.Forked] = {}
         self._done: dict[str, tuple[BoneResult | None, list[str], float]] = {}
+        self._regions: dict[str, tuple[list[int], list, list[str]]] = {}
         self.seconds: dict[str, float] = {}  # per bone, as its own process measured it
         workers = parallel.worker_count() if workers is None else workers
         if workers < 2:
@@ -264,9 +276,19 @@ class SurfaceJobs:
         self.seconds[spec.name] = seconds
         if result is not None:
             notes = notes + assign_regions(
-                result, subregions, cart_smooth_var=self._cart_smooth_var
+                result, subregions, cart_smooth_var=self._cart_smooth_var,
+                surfaces=self._regions.pop(spec.name, None),
             )
         return result, notes
+
+    def prepare_regions(self, subregions: sitk.Image) -> None:
+        """Make the region surfaces of the bones still being meshed in workers, so that only
+        the rays are left once a bone arrives."""
+        for spec in BONES:
+            if spec.name in self._jobs:
+                self._regions[spec.name] = region_surfaces(
+                    subregions, spec, cart_smooth_var=self._cart_smooth_var
+                )
 
     def __enter__(self) -> SurfaceJobs:
         return self
