@@ -96,20 +96,24 @@ def _keep_freed_memory() -> None:
     a fault (≈ 7 µs each on a VM): 2.6 s of the femur's 9 s. Off in the parent, whose memory
     must go back to the system after a job.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
+    libc = _libc()
+    if libc is not None:
         libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap-backed blocks
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not hand the heap top back
-    except (OSError, AttributeError):
-        pass
 
 
 def _die_with_parent() -> None:
     """Ask the kernel to kill this process when its parent exits (Linux prctl)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc = _libc()
+    if libc is not None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
     if os.getppid() == 1:  # the parent is already gone
         os._exit(1)
+
+
+def _libc():
+    """glibc, or None where it cannot be loaded (then both tunings above are skipped)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None

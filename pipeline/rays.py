@@ -13,7 +13,7 @@ pymskt walks the vertices in Python and asks a ``vtkOBBTree`` and a ``vtkProbeFi
 vertex (≈ 0.6 s per surface on 20,000 vertices, plus a temporary NRRD of the label map). Here
 every ray of a surface goes through point-cloud-utils' Embree BVH at once, re-cast past each
 crossing to count them, and the labels are read by array indexing. Agreement with pymskt's own
-call is measured in ``tests/test_rays.py``.
+call is measured in ``tests/test_morphometry_speed.py``.
 """
 
 from __future__ import annotations

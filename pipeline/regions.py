@@ -74,38 +74,25 @@ def _binary(seg: sitk.Image, label: int) -> sitk.Image:
     return sitk.Cast(sitk.BinaryThreshold(seg, label, label, 1, 0), sitk.sitkFloat32)
 
 
-def _cropped(mask: sitk.Image, margin_mm: float = 15.0) -> sitk.Image:
-    """Crop a binary mask to its bounding box plus a margin (smoothing cost scales with size)."""
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(sitk.Cast(mask, sitk.sitkUInt8))
-    if 1 not in stats.GetLabels():
-        return mask
-    return _roi(mask, stats.GetBoundingBox(1), margin_mm)
-
-
 def _cropped_to_label(seg: sitk.Image, label: int, margin_mm: float = 15.0) -> sitk.Image:
-    """``seg`` cut to ``label``'s box plus the margin ``_cropped`` gives that label's mask, so
-    ``_binary`` of the cut is ``_cropped(_binary(seg))`` without full-volume copies."""
+    """``seg`` cut to ``label``'s bounding box plus a margin (smoothing cost scales with size;
+    cutting the label map before thresholding avoids full-volume float copies)."""
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.SetComputePerimeter(False)
     stats.Execute(seg)
     if label not in stats.GetLabels():
         return seg
-    return _roi(seg, stats.GetBoundingBox(label), margin_mm)
-
-
-def _roi(image: sitk.Image, bbox, margin_mm: float) -> sitk.Image:
-    x, y, z, sx, sy, sz = bbox
-    pad = [int(np.ceil(margin_mm / s)) for s in image.GetSpacing()]
+    x, y, z, sx, sy, sz = stats.GetBoundingBox(label)
+    pad = [int(np.ceil(margin_mm / s)) for s in seg.GetSpacing()]
     lo = [max(0, v - p) for v, p in zip((x, y, z), pad, strict=True)]
-    hi = [min(n, v + w + p) for v, w, p, n in zip((x, y, z), (sx, sy, sz), pad, image.GetSize(),
+    hi = [min(n, v + w + p) for v, w, p, n in zip((x, y, z), (sx, sy, sz), pad, seg.GetSize(),
                                                    strict=True)]
-    return sitk.RegionOfInterest(image, [h - low for h, low in zip(hi, lo, strict=True)], lo)
+    return sitk.RegionOfInterest(seg, [h - low for h, low in zip(hi, lo, strict=True)], lo)
 
 
 def _resampled(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    """Smooth-downsample a binary float mask onto an isotropic grid covering the same box."""
-    image = _cropped(image)
+    """Smooth-downsample a binary float mask (already cut to its object's box) onto an
+    isotropic grid covering the same box."""
     size = image.GetSize()
     spacing = image.GetSpacing()
     new_size = [max(8, int(round(n * s / spacing_mm))) for n, s in zip(size, spacing, strict=True)]
@@ -234,13 +221,7 @@ def _main_piece(arr: np.ndarray, label: int) -> np.ndarray:
 
 def _label_box(arr: np.ndarray, labels_: tuple[int, ...]) -> tuple[slice, ...]:
     """Bounding box (array slices) of the voxels holding any of ``labels_``."""
-    mask = np.isin(arr, labels_)
-    plane = mask.any(axis=2)  # one pass over the volume, then small projections
-    extents = (plane.any(axis=1), plane.any(axis=0), mask.any(axis=(0, 1)))
-    return tuple(
-        slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0)
-        for idx in (np.flatnonzero(e) for e in extents)
-    )
+    return _bounding_box(np.isin(arr, labels_))
 
 
 def _split_in_box(
@@ -305,10 +286,15 @@ def _fill_unlabelled(orig: np.ndarray, back: np.ndarray, spacing) -> np.ndarray:
     return out
 
 
-def _bounding_box(mask: np.ndarray, spacing, margin_mm: float) -> tuple[slice, ...]:
-    nz = np.nonzero(mask)
-    pads = [int(np.ceil(margin_mm / s)) for s in spacing[::-1]]
-    return tuple(
-        slice(max(0, int(ax.min()) - p), min(n, int(ax.max()) + p + 1))
-        for ax, p, n in zip(nz, pads, mask.shape, strict=True)
-    )
+def _bounding_box(mask: np.ndarray, spacing=None, margin_mm: float = 0.0) -> tuple[slice, ...]:
+    """Array slices of ``mask``'s bounding box plus ``margin_mm`` (``spacing`` in sitk's x, y, z
+    order); empty slices for an empty mask."""
+    plane = mask.any(axis=2)  # one pass over the volume, then small projections
+    extents = (plane.any(axis=1), plane.any(axis=0), mask.any(axis=(0, 1)))
+    pads = [int(np.ceil(margin_mm / s)) for s in spacing[::-1]] if margin_mm else [0, 0, 0]
+    out = []
+    for extent, pad, n in zip(extents, pads, mask.shape, strict=True):
+        idx = np.flatnonzero(extent)
+        out.append(slice(max(0, int(idx[0]) - pad), min(n, int(idx[-1]) + pad + 1))
+                   if idx.size else slice(0, 0))
+    return tuple(out)

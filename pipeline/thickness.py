@@ -144,7 +144,7 @@ def mesh_bone(
 
     ``seg`` and ``subregions`` must be in the canonical orientation; meshes come out in the
     images' physical (scanner LPS) coordinates, which the canonical re-storing preserves.
-    The two halves, ``bone_surface`` and ``assign_regions``, can run apart (see ``measure``).
+    The two halves, ``bone_surface`` and ``assign_regions``, can run apart (``SurfaceJobs``).
     """
     result, notes = bone_surface(
         seg, spec, cart_smooth_var=cart_smooth_var, bone_smooth_var=bone_smooth_var
@@ -248,7 +248,6 @@ class SurfaceJobs:
         from . import parallel
 
         self._seg = seg
-        self._cart_smooth_var = cart_smooth_var
         self._kw = {"cart_smooth_var": cart_smooth_var, "bone_smooth_var": bone_smooth_var}
         self._jobs: dict[str, parallel.Forked] = {}
         self._done: dict[str, tuple[BoneResult | None, list[str], float]] = {}
@@ -276,7 +275,7 @@ class SurfaceJobs:
         self.seconds[spec.name] = seconds
         if result is not None:
             notes = notes + assign_regions(
-                result, subregions, cart_smooth_var=self._cart_smooth_var,
+                result, subregions, cart_smooth_var=self._kw["cart_smooth_var"],
                 surfaces=self._regions.pop(spec.name, None),
             )
         return result, notes
@@ -287,7 +286,7 @@ class SurfaceJobs:
         for spec in BONES:
             if spec.name in self._jobs:
                 self._regions[spec.name] = region_surfaces(
-                    subregions, spec, cart_smooth_var=self._cart_smooth_var
+                    subregions, spec, cart_smooth_var=self._kw["cart_smooth_var"]
                 )
 
     def __enter__(self) -> SurfaceJobs:

@@ -1,19 +1,20 @@
 """Per-stage seconds and peak memory of the pipeline (a benchmark, not a test).
 
     python scripts/benchmark.py                 # bundled example + 384×384×160 phantom
-    python scripts/benchmark.py --cases real --cli --reference  # pymskt's real knee, both ways
-    python scripts/benchmark.py --cases dess --dess SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd
-
-Real anatomy: ``real`` is pymskt's ``right_knee_example.nrrd`` (shipped in assets/reference; it is
-also the subregion registration's reference, so that stage is atypically easy there); ``dess``
-is the other knee in the mskt 0.1.22 sdist (``pip download --no-deps --no-binary :all:
-mskt==0.1.22`` → ``data/SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd``), with menisci and
-fibula. Both are 384×384×160 3D DESS segmentations; ``analyze --seg`` sees them in our labels.
     python scripts/benchmark.py --cases example # one case
     python scripts/benchmark.py --reference     # also the plain pymskt call sequence
+    python scripts/benchmark.py --cases real --cli --reference  # pymskt's real knee, both ways
+    python scripts/benchmark.py --cases dess --dess SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd
     python scripts/benchmark.py --t2            # T2 stage alone on a 512×512×160 pair
 
 Each case runs in its own process so its peak resident memory is its own.
+
+Real anatomy: ``real`` is pymskt's ``right_knee_example.nrrd`` (shipped in assets/reference; it is
+also the subregion registration's reference, so that stage is atypically easy there); ``dess``
+is the other knee in the mskt 0.1.22 sdist (``pip download --no-deps --no-build-isolation
+mskt==0.1.22``, then ``data/SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd`` in the tarball),
+with menisci and fibula. Both are 384×384×160 3D DESS segmentations; ``analyze --seg`` sees
+them in our labels.
 """
 
 from __future__ import annotations
@@ -127,19 +128,19 @@ def _summary(rows: list[dict]) -> list[dict]:
     """Per case measured both ways: speed-ups and the largest regional-mean difference."""
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
-        ours = {k: v for r in rows if r["case"] == case for k, v in r.items()}
-        if "reference_total_s" not in ours or "means_mm" not in ours:
+        of_case = [r for r in rows if r["case"] == case]
+        ref = next((r for r in of_case if "reference_total_s" in r), None)
+        ours = next((r for r in of_case if "total_s" in r), None)
+        if ref is None or ours is None:
             continue
-        ref = next(r for r in rows if r["case"] == case and "reference_total_s" in r)
-        run_row = next(r for r in rows if r["case"] == case and "total_s" in r)
-        diffs = [abs(run_row["means_mm"][k] - ref["means_mm"][k]) for k in ref["means_mm"]]
-        row = {"case": case, "reference_s": ref["reference_total_s"],
-               "run_s": run_row["total_s"],
-               "speedup_run": round(ref["reference_total_s"] / run_row["total_s"], 1),
+        diffs = [abs(ours["means_mm"][k] - ref["means_mm"][k]) for k in ref["means_mm"]]
+        row = {"case": case, "reference_s": ref["reference_total_s"], "run_s": ours["total_s"],
+               "speedup_run": round(ref["reference_total_s"] / ours["total_s"], 1),
                "max_abs_mean_diff_mm": round(max(diffs), 4)}
-        if "cli_wall_s" in ours:
-            row["cli_s"] = ours["cli_wall_s"]
-            row["speedup_cli"] = round(ref["reference_total_s"] / ours["cli_wall_s"], 1)
+        cli = next((r for r in of_case if "cli_wall_s" in r), None)
+        if cli is not None:
+            row["cli_s"] = cli["cli_wall_s"]
+            row["speedup_cli"] = round(ref["reference_total_s"] / cli["cli_wall_s"], 1)
         out.append(row)
     return out
 
