@@ -103,9 +103,8 @@ class Settings:
         """Fix Gradio's cache folder for the life of the process.
 
         Gradio recomputes its upload folder from ``tempfile.gettempdir()`` on every request
-        unless GRADIO_TEMP_DIR is set, and on ZeroGPU the pipeline (in this process) points
-        ``tempfile.tempdir`` at a per-job folder while it runs: without this, uploads checked
-        during a job would be looked for inside (and deleted with) that folder.
+        unless GRADIO_TEMP_DIR is set; pinning it makes the folder the orphan-upload sweep
+        watches the one Gradio really uses, whatever changes the temp root later.
         """
         os.environ["GRADIO_TEMP_DIR"] = str(self.gradio_temp_dir)
         self.gradio_temp_dir.mkdir(parents=True, exist_ok=True)

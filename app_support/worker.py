@@ -6,19 +6,19 @@ worker therefore fails that one job (``WORKER_CRASHED``) instead of the server; 
 is ended by killing the worker (``TIMEOUT``), which also frees the GPU. A new worker is started
 for the next job. Between jobs the worker keeps what it loaded (the segmentation model).
 
-Each job gets its own temp folder from the caller, which the worker makes the process-wide
-temp root for the job (the worker runs nothing else), so even a killed job leaves nothing the
-caller does not delete with its job folder.
+Each job gets its own temp folder from the caller, passed to ``run(tmp_dir=...)``: every
+temporary file of the job goes under it, so even a killed job leaves nothing the caller does
+not delete with its job folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -73,14 +73,13 @@ def run_spec(spec: JobSpec, on_step: Callable, accelerate: Callable | None = Non
     """Run one job in this process; returns a ``Result`` or a ``Failure`` (never raises)."""
     from pipeline.run import run
 
-    tempfile.tempdir = spec.tmp_dir  # this process runs one job at a time (see module doc)
     try:
-        return run(spec.image, Path(spec.out_dir), spec.options, seg_path=spec.segmentation,
-                   progress=on_step, accelerate=accelerate)
+        result = run(spec.image, Path(spec.out_dir), spec.options, seg_path=spec.segmentation,
+                     progress=on_step, accelerate=accelerate, tmp_dir=spec.tmp_dir)
     except BaseException as exc:  # everything must reach the caller, or it waits forever
         return failure_of(exc)
-    finally:
-        tempfile.tempdir = None
+    # The web process serves the files the job wrote; the volumes stay out of the pipe.
+    return dataclasses.replace(result, images={})
 
 
 def _serve(conn: Connection) -> None:

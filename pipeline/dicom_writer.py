@@ -28,9 +28,9 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 from pipeline.errors import ErrorCode, PipelineError
-from pipeline.t2 import QDessParams
+from pipeline.t2.mapping import QDessParams
+from pipeline.t2.qdess import GE_CREATOR, GE_GROUP, GL_AREA_OFFSET, TG_OFFSET
 
-GE_CREATOR = "GEMS_ACQU_01"
 GE_MANUFACTURER = "GE MEDICAL SYSTEMS"
 _UINT16_MAX = 65535
 
@@ -144,17 +144,17 @@ def _add_timing(ds: Dataset, echo: _EchoInfo) -> None:
     if echo.gl_area is None and echo.tg_us is None:
         return
     if echo.private_creator:
-        block = ds.private_block(0x0019, GE_CREATOR, create=True)
+        block = ds.private_block(GE_GROUP, GE_CREATOR, create=True)
         if echo.gl_area is not None:
-            block.add_new(0xB6, "DS", _ds(echo.gl_area))
+            block.add_new(GL_AREA_OFFSET, "DS", _ds(echo.gl_area))
         if echo.tg_us is not None:
-            block.add_new(0xB7, "DS", _ds(echo.tg_us))
+            block.add_new(TG_OFFSET, "DS", _ds(echo.tg_us))
     else:
-        # No creator: what an anonymiser that drops (0019,0010) leaves behind (spec §8).
-        if echo.gl_area is not None:
-            ds.add_new(0x001910B6, "DS", _ds(echo.gl_area))
-        if echo.tg_us is not None:
-            ds.add_new(0x001910B7, "DS", _ds(echo.tg_us))
+        # No creator: what an anonymiser that drops (0019,0010) leaves behind (spec §8); the
+        # elements sit in block 0x10 of the group, where the creator would have reserved them.
+        for offset, value in ((GL_AREA_OFFSET, echo.gl_area), (TG_OFFSET, echo.tg_us)):
+            if value is not None:
+                ds.add_new((GE_GROUP << 16) | 0x1000 | offset, "DS", _ds(value))
 
 
 def _add_geometry(ds: Dataset, geometry: tuple[np.ndarray, np.ndarray, np.ndarray], k: int,

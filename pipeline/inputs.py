@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import tempfile
 import zipfile
 from collections import defaultdict
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import labels as L
+from . import scratch
 from .errors import ErrorCode, PipelineError
 
 CANONICAL = "PIR"  # numpy axis 0 = M/L (toward right), 1 = S/I (inferior +), 2 = A/P (posterior +)
@@ -94,8 +94,11 @@ def input_stem(path: str | os.PathLike) -> str:
     return name or "input"
 
 
-def load_image(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> LoadedImage:
-    """Load and validate an uploaded MRI; raise ``PipelineError`` with a stable code if refused."""
+def load_image(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
+               tmp_dir: str | os.PathLike | None = None) -> LoadedImage:
+    """Load and validate an uploaded MRI; raise ``PipelineError`` with a stable code if refused.
+    A zip is extracted into a folder under ``tmp_dir`` (default: the temp root), removed after
+    reading."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: file not found")
@@ -105,7 +108,7 @@ def load_image(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -
     if path.is_dir():
         loaded = _load_from_folder(path, stem, "dicom-folder")
     elif low.endswith(".zip"):
-        with _extracted(path) as folder:
+        with _extracted(path, tmp_dir) as folder:
             loaded = _load_from_folder(folder, stem, "zip")
     elif low.endswith(IMAGE_EXTENSIONS):
         loaded = LoadedImage(_read_image_file(path), stem, _format_of(path))
@@ -153,7 +156,7 @@ def check_format(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES)
 
 def attach_echoes(
     loaded: LoadedImage, echo2_path: str | os.PathLike, params_json: str | os.PathLike,
-    *, max_bytes: int = DEFAULT_MAX_BYTES,
+    *, max_bytes: int = DEFAULT_MAX_BYTES, tmp_dir: str | os.PathLike | None = None,
 ) -> LoadedImage:
     """Two-echo qDESS from already split echoes: ``loaded`` is echo 1, plus echo 2 and a JSON
     of acquisition parameters (TR, TE, flip angle, GL_AREA, TG). The RSS becomes the image."""
@@ -165,7 +168,7 @@ def attach_echoes(
             "the input already holds both echoes; a separate echo 2 is not needed.",
         )
     params = QDessParams.from_json(params_json).validate()
-    echo2 = load_image(echo2_path, max_bytes=max_bytes).image
+    echo2 = load_image(echo2_path, max_bytes=max_bytes, tmp_dir=tmp_dir).image
     if orientation_code(echo2) != orientation_code(loaded.image):
         echo2 = sitk.DICOMOrient(echo2, orientation_code(loaded.image))
     check_same_grid(echo2, loaded.image, Path(echo2_path).name, code=ErrorCode.INVALID_DIMENSIONS)
@@ -180,7 +183,8 @@ def attach_echoes(
 
 
 def load_segmentation(
-    path: str | os.PathLike, reference: sitk.Image, *, max_bytes: int = DEFAULT_MAX_BYTES
+    path: str | os.PathLike, reference: sitk.Image, *, max_bytes: int = DEFAULT_MAX_BYTES,
+    tmp_dir: str | os.PathLike | None = None,
 ) -> sitk.Image:
     """Load a user segmentation on ``reference``'s grid, in the published label scheme.
 
@@ -193,7 +197,7 @@ def load_segmentation(
     _check_size(path, max_bytes)
     low = path.name.lower()
     if low.endswith(".zip"):
-        with _extracted(path) as folder:
+        with _extracted(path, tmp_dir) as folder:
             images = [p for p in _files(folder) if p.name.lower().endswith(IMAGE_EXTENSIONS)]
             if len(images) != 1:
                 raise PipelineError(
@@ -286,14 +290,11 @@ def _check_size(path: Path, max_bytes: int) -> None:
 
 
 @contextmanager
-def _extracted(zip_path: Path) -> Iterator[Path]:
-    """Safely extract a zip into a fresh temp folder; always removed afterwards."""
-    tmp = Path(tempfile.mkdtemp(prefix="knee_upload_"))
-    try:
+def _extracted(zip_path: Path, parent: str | os.PathLike | None) -> Iterator[Path]:
+    """Safely extract a zip into a fresh folder under ``parent``; always removed afterwards."""
+    with scratch.folder(parent, prefix="knee_upload_") as tmp:
         _safe_extract(zip_path, tmp)
         yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _safe_extract(zip_path: Path, dest: Path) -> None:
@@ -503,7 +504,7 @@ def _load_from_folder(folder: Path, stem: str, fmt: str) -> LoadedImage:
 
 
 def _load_series(items: list[tuple[Path, object]], stem: str, fmt: str) -> LoadedImage:
-    from . import qdess
+    from .t2 import qdess
 
     description = _series_description(items[0][1])
     datasets = [ds for _, ds in items]

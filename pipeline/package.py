@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import SimpleITK as sitk
+
+from . import __version__
 
 
 @dataclass
@@ -70,6 +75,68 @@ class Outputs:
             for p in self.files:
                 zf.write(p, arcname=p.name)
         return zpath
+
+
+def write_meshes(outputs: Outputs, bone_results: list) -> dict[str, int]:
+    """Bone meshes and their region cartilage meshes; returns file name → region label."""
+    index: dict[str, int] = {}
+    for res in bone_results:
+        outputs.write_mesh(res.bone_mesh, f"{res.spec.name}_mesh.vtk")
+        for i, (label, mesh) in enumerate(res.cartilage_meshes):
+            name = f"{res.spec.name}_cart_{i}_mesh.vtk"
+            outputs.write_mesh(mesh, name)
+            index[name] = int(label)
+    return index
+
+
+def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Python and the installed versions of the libraries that shape the results (+ ``extra``)."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("SimpleITK", "mskt", "numpy", "vtk", "pyvista", "pydicom", "nnunetv2", "torch",
+                 *extra):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def provenance(loaded, options, *, model_info: dict | None, seg_source: str,
+               stage_seconds: dict[str, float], started: datetime, warnings: list[str],
+               mesh_index: dict[str, int], extra: dict[str, Any]) -> dict:
+    """The ``{stem}_provenance.json`` record of one job (no patient identifiers: the input is
+    described by its geometry only)."""
+    from . import inputs, regions
+
+    img = loaded.image
+    return {
+        "package": "knee-mri-app",
+        "version": __version__,
+        "options": asdict(options),
+        "segmentation_source": seg_source,
+        "model": model_info,
+        "input": {
+            "stem": loaded.stem,
+            "format": loaded.fmt,
+            "size": list(img.GetSize()),
+            "spacing": list(img.GetSpacing()),
+            "origin": list(img.GetOrigin()),
+            "direction": list(img.GetDirection()),
+            "orientation": inputs.orientation_code(img),
+            "echoes": loaded.n_echoes,
+            "qdess_tags_present": loaded.qdess_tags_present,
+        },
+        "reference_knee_sha256": regions.reference_checksum(),
+        "cartilage_mesh_labels": mesh_index,
+        "stage_seconds": dict(stage_seconds),
+        "started_utc": started.isoformat(),
+        "finished_utc": datetime.now(timezone.utc).isoformat(),
+        "warnings": list(warnings),
+        "libraries": library_versions(),
+        **extra,
+    }
 
 
 def _jsonable(value):

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import PipelineError
+from .process import available_cores
 
 WORKERS_ENV = "KNEE_MESH_PROCESSES"
 
@@ -38,7 +39,7 @@ def worker_count() -> int:
     value = os.environ.get(WORKERS_ENV, "").strip()
     if value:
         return max(1, int(value))
-    return max(1, len(os.sched_getaffinity(0)))
+    return available_cores()
 
 
 class Forked:

@@ -27,6 +27,7 @@ from scipy import ndimage as ndi
 
 from . import labels as L
 from .errors import ErrorCode, PipelineError
+from .stage import StageResult
 
 REFERENCE_KNEE = Path(__file__).resolve().parent.parent / "assets" / "reference" / (
     "right_knee_example.nrrd"
@@ -298,3 +299,26 @@ def _bounding_box(mask: np.ndarray, spacing=None, margin_mm: float = 0.0) -> tup
         out.append(slice(max(0, int(idx[0]) - pad), min(n, int(idx[-1]) + pad + 1))
                    if idx.size else slice(0, 0))
     return tuple(out)
+
+
+def stage(seg_c: sitk.Image, input_image: sitk.Image, outputs) -> StageResult:
+    """The "Femoral subregions" step: the subregion map (``images["subregions"]``, canonical;
+    the femoral cartilage stays label 2 with a note when it cannot be split) and both label
+    maps written on the input's grid (``{stem}_all-labels``, ``{stem}_subregions-labels``)."""
+    from . import inputs
+
+    out = StageResult(images={"labels": seg_c})
+    arr = sitk.GetArrayViewFromImage(seg_c)
+    if not np.any(arr == L.FEMORAL_CART):
+        sub_c = seg_c
+        out.notes.append("femoral cartilage (label 2) is empty: femoral regions are NaN.")
+    elif not (np.any(arr == L.MED_TIB_CART) and np.any(arr == L.LAT_TIB_CART)):
+        sub_c = seg_c
+        out.notes.append("medial and lateral tibial cartilage are both needed to orient the "
+                         "femoral subregions: femoral regions are NaN.")
+    else:
+        sub_c = femoral_subregions(seg_c)
+    out.images["subregions"] = sub_c
+    for role, image in (("all-labels", seg_c), ("subregions-labels", sub_c)):
+        out.files[role] = outputs.write_image(inputs.from_canonical(image, input_image), role)[0]
+    return out

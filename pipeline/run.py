@@ -8,13 +8,10 @@ through the ``progress`` callback as a ``Step`` (name, index, total, fraction).
 from __future__ import annotations
 
 import argparse
-import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,12 +19,18 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from . import __version__, inputs, regions, thickness, viz
+from . import inputs, package, regions, scratch, thickness, viz
 from . import labels as L
 from .errors import ErrorCode, PipelineError
 from .package import Outputs
+from .stage import StageResult
 
-NSM_CHOICES = ("none", "bone_cart", "bone", "both")
+# The --nsm choices and the shape-model variants each fits (``shape.models.VARIANTS``).
+NSM_VARIANTS: dict[str, tuple[str, ...]] = {
+    "none": (), "bone_cart": ("bone_cartilage",), "bone": ("bone_only",),
+    "both": ("bone_cartilage", "bone_only"),
+}
+NSM_CHOICES = tuple(NSM_VARIANTS)
 
 
 @dataclass
@@ -91,7 +94,13 @@ class Step:
 
 @dataclass
 class Result:
-    """What a job produced."""
+    """What a job produced.
+
+    ``artifacts`` maps a role (``"all-labels"``, ``"subregions-labels"``, ``"t2map"``,
+    ``"femur_mesh"``, ``"knee_glb"``, ``"zip"``, …) to its file; ``images`` holds the canonical
+    label map, subregion map and T2 map (when made) in memory, so a caller can show them without
+    reading back what the job wrote.
+    """
 
     zip_path: Path
     out_dir: Path
@@ -99,6 +108,8 @@ class Result:
     warnings: list[str]
     provenance: dict
     files: list[Path] = field(default_factory=list)
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    images: dict[str, sitk.Image] = field(default_factory=dict)
 
 
 ProgressFn = Callable[[Step], None]
@@ -148,23 +159,6 @@ class _Tracker:
             self.progress(step)
 
 
-@contextmanager
-def job_tempdir() -> Iterator[Path]:
-    """Route every temp file of the job (ours and pymskt's) into one folder removed at the end.
-
-    Jobs run one at a time (the app's queue has one slot), so switching the process-wide
-    ``tempfile.tempdir`` is safe and guarantees no uploaded pixel data is left behind.
-    """
-    previous = tempfile.tempdir
-    folder = Path(tempfile.mkdtemp(prefix="knee_job_"))
-    tempfile.tempdir = str(folder)
-    try:
-        yield folder
-    finally:
-        tempfile.tempdir = previous
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def run(
     input_path: str | Path,
     out_dir: str | Path,
@@ -177,6 +171,7 @@ def run(
     accelerate: Accelerate | None = None,
     presegmented: Presegmented | None = None,
     segmenter=None,
+    tmp_dir: str | Path | None = None,
 ) -> Result:
     """Run the whole pipeline on one input; write the results folder and zip into ``out_dir``.
 
@@ -186,114 +181,157 @@ def run(
     ``presegmented`` is the model's segmentation of this input made beforehand by
     ``segment_input`` (a cohort runs it as a GPU task); the results are those of a model run.
     ``segmenter`` (a ``segment.Segmenter``) holds the model between calls; default: the
-    process's own.
+    process's own. Temporary files (extracted uploads, pymskt's) go to a folder of this job
+    made under ``tmp_dir`` (default: the temp root) and removed at the end, however it ends.
+    Several jobs may run at once in one process (threads); each stage's result is its own.
     """
     options = options or Options()
     started = datetime.now(timezone.utc)
     track = _Tracker(progress)
-    warnings: list[str] = []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    done: list[StageResult] = []  # in stage order: their notes become the warnings in order
 
-    with job_tempdir():
+    with scratch.folder(tmp_dir) as job_tmp:
         with track.stage("Loading input"):
-            loaded = load_input(input_path, options, echo2_path, qdess_params_path)
-            warnings += loaded.warnings
+            done.append(load_input(input_path, options, echo2_path, qdess_params_path,
+                                   tmp_dir=job_tmp))
+        loaded = done[-1].data["loaded"]
         outputs = Outputs(out, loaded.stem)
 
         with track.stage("Segmentation"):
-            model_info = None
-            if seg_path is not None:
-                seg = inputs.load_segmentation(
-                    seg_path, loaded.image, max_bytes=int(options.max_mb * 1024**2)
-                )
-            elif presegmented is not None:
-                seg, model_info = presegmented.on_grid_of(loaded.image), presegmented.model_info
-                warnings += model_info.get("warnings", [])
-            else:
-                segment_fn = _segment_with_model
-                if accelerate is not None:
-                    segment_fn = accelerate("segmentation", segment_fn)
-                seg, model_info = segment_fn(loaded, options, track, segmenter)
-                warnings += model_info.get("warnings", [])
-            _check_bones_present(seg)
+            segmentation = _segmentation(loaded, options, track, seg_path=seg_path,
+                                         presegmented=presegmented, segmenter=segmenter,
+                                         accelerate=accelerate, tmp_dir=job_tmp)
+            done.append(segmentation)
         if presegmented is not None and seg_path is None:
             seconds = track.seconds["Segmentation"] + presegmented.seconds  # done beforehand
             track.seconds["Segmentation"] = round(seconds, 3)
 
-        seg_c = inputs.to_canonical(seg)
-        bone_results = []
+        seg_c = inputs.to_canonical(segmentation.images["labels"])
         # The bone surfaces need only the labels: they start now (in worker processes when
         # there are cores for them) and the subregions are computed meanwhile.
-        with thickness.SurfaceJobs(seg_c, cart_smooth_var=options.cart_smooth_var) as surfaces:
-            qc = viz.qc_summary(seg_c)
-            warnings += viz.qc_warnings(qc)
+        with thickness.SurfaceJobs(seg_c, cart_smooth_var=options.cart_smooth_var,
+                                   tmp_dir=job_tmp) as surfaces:
+            quality = viz.qc_stage(seg_c)
+            done.append(quality)
             with track.stage("Femoral subregions"):
-                sub_c, notes = _subregions(seg_c)
-                warnings += notes
-                # Written now, while the surfaces are still being made.
-                outputs.write_image(inputs.from_canonical(seg_c, loaded.image), "all-labels")
-                outputs.write_image(inputs.from_canonical(sub_c, loaded.image),
-                                    "subregions-labels")
+                subregions = regions.stage(seg_c, loaded.image, outputs)
+                done.append(subregions)
+                sub_c = subregions.images["subregions"]
                 surfaces.prepare_regions(sub_c)
             for spec in thickness.BONES:
                 with track.stage(f"{spec.name.capitalize()} surface and thickness"):
-                    res, notes = surfaces.get(spec, sub_c)
-                    warnings += notes
-                    if res is not None:
-                        bone_results.append(res)
-
-        metrics = thickness.region_thickness(bone_results)
-        metrics.update(thickness.region_volumes(sub_c))
+                    surfaces.get(spec, sub_c)
+            morphometry = surfaces.stage_result(sub_c)
+            done.append(morphometry)
+        bones = morphometry.data["bones"]
 
         with track.stage("T2 mapping"):
-            warnings += _t2_stage(loaded, seg_c, sub_c, bone_results, options, outputs, metrics)
+            from .t2.stage import stage as t2_stage
+
+            t2 = t2_stage(loaded, seg_c, sub_c, bones, enabled=options.compute_t2,
+                          outputs=outputs)
+            done.append(t2)
 
         with track.stage("Shape model"):
             if options.nsm != "none":
-                from . import shape_stage
+                from .shape.stage import stage as shape_stage
 
-                warnings += shape_stage.run_shape_stage(
-                    options, seg_c, sub_c, bone_results, outputs, metrics,
+                shape = shape_stage(
+                    NSM_VARIANTS[options.nsm], sub_c, bones, out_dir=out,
+                    model_dir=options.nsm_dir, bscore_dir=options.nsm_bscore_dir,
+                    device=options.device, accelerate=accelerate,
                     progress=lambda i, n: track.sub("Shape model", i, n, f"fit iteration {i}/{n}"),
-                    accelerate=accelerate,
                 )
+                for path in shape.files.values():
+                    outputs.add(path)
+                done.append(shape)
 
         with track.stage("Writing results"):
-            mesh_index = _write_meshes(outputs, bone_results)
-            vis_notes: list[str] = []
-            visuals = viz.write_visuals(
-                out, loaded.stem, bone_results, seg_c, sub_c, qc=qc, notes=vis_notes
-            )
-            for path in visuals.values():
+            mesh_index = package.write_meshes(outputs, bones)
+            visuals = viz.stage(out, loaded.stem, bones, seg_c, qc=quality.info["qc"])
+            for path in visuals.files.values():
                 outputs.add(path)
-            warnings += vis_notes
+            done.append(visuals)
+            metrics = _merged_metrics(done)
+            warnings = [note for result in done for note in result.notes]
             outputs.write_metrics(metrics)
-            provenance = _provenance(
-                loaded, options, model_info, track.seconds, started, warnings, mesh_index,
-                seg_source="upload" if seg_path is not None else "model",
+            qc = quality.info["qc"]
+            provenance = package.provenance(
+                loaded, options, model_info=segmentation.info.get("model"),
+                seg_source=segmentation.info["source"], stage_seconds=track.seconds,
+                started=started, warnings=warnings, mesh_index=mesh_index,
+                extra={
+                    "qc": {"plausible": qc.get("plausible"), "reasons": qc.get("reasons")},
+                    # Each bone surface's own seconds (they overlap the stages above when
+                    # in workers).
+                    "surface_seconds": morphometry.info["surface_seconds"],
+                },
             )
-            provenance["qc"] = {"plausible": qc.get("plausible"), "reasons": qc.get("reasons")}
-            # Each bone surface's own seconds (they overlap the stages above when in workers).
-            provenance["surface_seconds"] = surfaces.seconds
             outputs.write_json(provenance, f"{loaded.stem}_provenance.json")
             zip_path = outputs.zip()
     provenance["stage_seconds"] = track.seconds  # includes the packaging step itself
-    return Result(zip_path, out, pd.DataFrame([metrics]), warnings, provenance, outputs.files)
+    artifacts = {role: path for result in done for role, path in result.files.items()}
+    artifacts.update(_mesh_artifacts(bones, out), zip=zip_path)
+    images = {"labels": seg_c, "subregions": sub_c, **t2.images}
+    return Result(zip_path, out, pd.DataFrame([metrics]), warnings, provenance, outputs.files,
+                  artifacts, images)
 
 
-def load_input(input_path, options: Options, echo2_path=None, qdess_params_path=None):
-    """The "Loading input" stage: load and validate the MRI (and split qDESS echo 2)."""
+def _merged_metrics(done: list[StageResult]) -> dict[str, float]:
+    """Every stage's metrics in one row, in stage order; a key twice is a bug."""
+    metrics: dict[str, float] = {}
+    for result in done:
+        clash = metrics.keys() & result.metrics.keys()
+        if clash:
+            raise RuntimeError(f"two stages report {sorted(clash)}")
+        metrics.update(result.metrics)
+    return metrics
+
+
+def _mesh_artifacts(bones: list, out: Path) -> dict[str, Path]:
+    return {f"{res.spec.name}_mesh": out / f"{res.spec.name}_mesh.vtk" for res in bones}
+
+
+def load_input(input_path, options: Options, echo2_path=None, qdess_params_path=None, *,
+               tmp_dir: Path | None = None) -> StageResult:
+    """The "Loading input" stage: load and validate the MRI (and split qDESS echo 2);
+    ``data["loaded"]`` is the ``inputs.LoadedImage``, its warnings the notes. Archives are
+    extracted under ``tmp_dir``."""
     max_bytes = int(options.max_mb * 1024**2)
-    loaded = inputs.load_image(input_path, max_bytes=max_bytes)
+    loaded = inputs.load_image(input_path, max_bytes=max_bytes, tmp_dir=tmp_dir)
     if (echo2_path is None) != (qdess_params_path is None):
         raise PipelineError(
             ErrorCode.INVALID_PARAMETERS,
             "split-echo qDESS needs both echo 2 and the acquisition-parameter JSON.",
         )
     if echo2_path is not None:
-        loaded = inputs.attach_echoes(loaded, echo2_path, qdess_params_path, max_bytes=max_bytes)
-    return loaded
+        loaded = inputs.attach_echoes(loaded, echo2_path, qdess_params_path, max_bytes=max_bytes,
+                                      tmp_dir=tmp_dir)
+    return StageResult(notes=list(loaded.warnings), data={"loaded": loaded})
+
+
+def _segmentation(loaded, options: Options, track: _Tracker, *, seg_path, presegmented,
+                  segmenter, accelerate, tmp_dir) -> StageResult:
+    """The "Segmentation" stage: the uploaded label map, the one made beforehand, or the
+    model's (``images["labels"]`` on the input's grid; ``info``: source and model record)."""
+    if seg_path is not None:
+        seg = inputs.load_segmentation(seg_path, loaded.image,
+                                       max_bytes=int(options.max_mb * 1024**2), tmp_dir=tmp_dir)
+        out = StageResult(images={"labels": seg}, info={"source": "upload", "model": None})
+    else:
+        if presegmented is not None:
+            seg, model_info = presegmented.on_grid_of(loaded.image), presegmented.model_info
+        else:
+            segment_fn = _segment_with_model
+            if accelerate is not None:
+                segment_fn = accelerate("segmentation", segment_fn)
+            seg, model_info = segment_fn(loaded, options, track, segmenter)
+        out = StageResult(notes=list(model_info.get("warnings", [])), images={"labels": seg},
+                          info={"source": "model", "model": model_info})
+    _check_bones_present(seg)
+    return out
 
 
 @dataclass
@@ -312,7 +350,7 @@ class Presegmented:
 
 def segment_input(
     input_path, options: Options, *, echo2_path=None, qdess_params_path=None,
-    progress: ProgressFn | None = None, segmenter=None,
+    progress: ProgressFn | None = None, segmenter=None, tmp_dir: str | Path | None = None,
 ) -> Presegmented:
     """Load an input and segment it with ``options.model`` (on ``segmenter``, else the
     process's default): the accelerator-bound half of a model run, for callers that schedule
@@ -320,9 +358,10 @@ def segment_input(
     track = _Tracker(progress)
     started = datetime.now(timezone.utc).isoformat()
     t0 = time.perf_counter()
-    with job_tempdir():
+    with scratch.folder(tmp_dir) as job_tmp:
         with track.stage("Loading input"):
-            loaded = load_input(input_path, options, echo2_path, qdess_params_path)
+            loaded = load_input(input_path, options, echo2_path, qdess_params_path,
+                                tmp_dir=job_tmp).data["loaded"]
         with track.stage("Segmentation"):
             seg, info = _segment_with_model(loaded, options, track, segmenter)
     return Presegmented(seg, info, round(time.perf_counter() - t0, 3), started)
@@ -347,130 +386,3 @@ def _check_bones_present(seg: sitk.Image) -> None:
             "a knee analysis needs both. Check the image is a knee MRI and the labels follow "
             "the published scheme.",
         )
-
-
-def _subregions(seg_c: sitk.Image) -> tuple[sitk.Image, list[str]]:
-    arr = sitk.GetArrayViewFromImage(seg_c)
-    if not np.any(arr == L.FEMORAL_CART):
-        return seg_c, ["femoral cartilage (label 2) is empty: femoral regions are NaN."]
-    if not (np.any(arr == L.MED_TIB_CART) and np.any(arr == L.LAT_TIB_CART)):
-        return seg_c, [
-            "medial and lateral tibial cartilage are both needed to orient the femoral "
-            "subregions: femoral regions are NaN."
-        ]
-    return regions.femoral_subregions(seg_c), []
-
-
-def _t2_stage(loaded, seg_c, sub_c, bone_results, options, outputs, metrics) -> list[str]:
-    """qDESS T2 (when the input is a two-echo series with the GE spoiler tags): map, regional
-    and deep/superficial statistics. Never a silent skip: the reason becomes a warning."""
-    if not options.compute_t2:
-        return ["T2 mapping switched off (--no-t2)."] if loaded.echo1 is not None else []
-    from . import t2
-
-    if loaded.echo1 is None:
-        return [t2.t2_skip_reason(None, is_qdess=False)]
-    reason = t2.t2_skip_reason(loaded.qdess_params, is_qdess=True)
-    if reason:
-        return [reason]
-    notes = [w for w in [t2.low_spoiling_warning(loaded.qdess_params)] if w]
-    e1 = sitk.GetArrayFromImage(loaded.echo1)
-    e2 = sitk.GetArrayFromImage(loaded.echo2)
-    t2_arr = t2.compute_t2_map(e1, e2, loaded.qdess_params).astype(np.float32)
-    t2_img = sitk.GetImageFromArray(t2_arr)
-    t2_img.CopyInformation(loaded.image)
-    outputs.write_image(t2_img, "t2map")
-    clipped = t2.clip_for_stats(sitk.GetArrayFromImage(inputs.to_canonical(t2_img)).astype(float))
-    sub_arr = sitk.GetArrayFromImage(sub_c)
-    fem_total = _femoral_total(sub_arr)
-    metrics.update(t2.region_t2_stats(clipped, fem_total, {L.FEMORAL_CART: "fem_cart"}))
-    metrics.update(t2.region_t2_stats(clipped, sub_arr, L.REGION_KEYS))
-
-    depth_c = _depth_map(seg_c, sub_c, bone_results)
-    outputs.write_image(inputs.from_canonical(depth_c, loaded.image), "depth_seg", exts=(".nrrd",))
-    depth_arr = sitk.GetArrayFromImage(depth_c).astype(np.int32)
-    fem_depth = depth_arr.copy()
-    for layer in (100, 200):
-        fem_depth[np.isin(depth_arr, [layer + lab for lab in L.SUBREGION_LABELS])] = (
-            layer + L.FEMORAL_CART
-        )
-    metrics.update(t2.depth_t2_stats(clipped, fem_depth, {L.FEMORAL_CART: "fem_cart"}))
-    metrics.update(t2.depth_t2_stats(clipped, depth_arr, L.REGION_KEYS))
-    return notes
-
-
-def _femoral_total(sub_arr: np.ndarray) -> np.ndarray:
-    """Subregion map with the five femoral subregions merged back into label 2."""
-    return np.where(np.isin(sub_arr, L.SUBREGION_LABELS), L.FEMORAL_CART, sub_arr)
-
-
-def _depth_map(seg_c, sub_c, bone_results) -> sitk.Image:
-    """Region + 100 (deep) / + 200 (superficial) for every cartilage voxel (pymskt)."""
-    from pymskt.image.cartilage_processing import combine_depth_region_segs
-
-    depth_segs = [thickness.depth_split(res, seg_c) for res in bone_results if res.thickness_meshes]
-    sub_only_cart = sitk.GetArrayFromImage(sub_c).astype(np.uint16)
-    sub_only_cart[~np.isin(sub_only_cart, list(L.REGION_KEYS))] = 0
-    base = sitk.GetImageFromArray(sub_only_cart)
-    base.CopyInformation(sub_c)
-    combined = combine_depth_region_segs(base, depth_segs)
-    arr = sitk.GetArrayFromImage(combined)
-    arr[arr < 100] = 0  # cartilage voxels the depth split did not reach stay unlabelled
-    out = sitk.GetImageFromArray(arr.astype(np.uint16))
-    out.CopyInformation(sub_c)
-    return out
-
-
-def _write_meshes(outputs: Outputs, results: list) -> dict[str, int]:
-    """Bone meshes and their cartilage meshes; returns file name → region label."""
-    index: dict[str, int] = {}
-    for res in results:
-        outputs.write_mesh(res.bone_mesh, f"{res.spec.name}_mesh.vtk")
-        for i, (label, mesh) in enumerate(res.cartilage_meshes):
-            name = f"{res.spec.name}_cart_{i}_mesh.vtk"
-            outputs.write_mesh(mesh, name)
-            index[name] = int(label)
-    return index
-
-
-def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
-    """Python and the installed versions of the libraries that shape the results (+ ``extra``)."""
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("SimpleITK", "mskt", "numpy", "vtk", "pyvista", "pydicom", "nnunetv2", "torch",
-                 *extra):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def _provenance(loaded, options, model_info, seconds, started, warnings, mesh_index, seg_source):
-    img = loaded.image
-    return {
-        "package": "knee-mri-app",
-        "version": __version__,
-        "options": asdict(options),
-        "segmentation_source": seg_source,
-        "model": model_info,
-        "input": {
-            "stem": loaded.stem,
-            "format": loaded.fmt,
-            "size": list(img.GetSize()),
-            "spacing": list(img.GetSpacing()),
-            "origin": list(img.GetOrigin()),
-            "direction": list(img.GetDirection()),
-            "orientation": inputs.orientation_code(img),
-            "echoes": loaded.n_echoes,
-            "qdess_tags_present": loaded.qdess_tags_present,
-        },
-        "reference_knee_sha256": regions.reference_checksum(),
-        "cartilage_mesh_labels": mesh_index,
-        "stage_seconds": dict(seconds),
-        "started_utc": started.isoformat(),
-        "finished_utc": datetime.now(timezone.utc).isoformat(),
-        "warnings": list(warnings),
-        "libraries": library_versions(),
-    }

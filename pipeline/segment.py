@@ -14,11 +14,8 @@ Checkpoints are pickles: only load model folders you trust.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
-import io
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,36 +28,11 @@ from . import labels as L
 from . import models
 from .errors import ErrorCode, PipelineError
 from .inputs import LoadedImage
+from .process import configure, torch_threads
+from .quiet import silenced
 
 ProgressFn = Callable[..., None]  # progress(done, total, detail="")
-ENV_THREADS = "KNEE_TORCH_THREADS"
 
-
-def _available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _torch_threads() -> int:
-    """Threads for inference: ``KNEE_TORCH_THREADS``, else all cores but one.
-
-    One core is left to the app and other work: OpenMP threads that must wait for a busy core
-    are catastrophic (measured on a 2-core host with one core busy: 1 thread ran the tiny test
-    model 30x faster than 2).
-    """
-    raw = os.environ.get(ENV_THREADS, "").strip()
-    if raw.isdigit() and int(raw) > 0:
-        return int(raw)
-    cores = _available_cores()
-    return max(1, cores - 1)
-
-
-# nnU-Net reads nnUNet_def_n_proc once, at import, and uses it as the torch thread count while
-# resampling the prediction (default 8, which oversubscribes small hosts badly). It must be set
-# before nnunetv2 is first imported, hence here at module level.
-os.environ.setdefault("nnUNet_def_n_proc", str(min(_torch_threads(), 8)))
 
 _PREDICTOR_CLASS = None
 
@@ -183,42 +155,32 @@ class Segmenter:
         use_mirroring: bool,
         progress: ProgressFn | None,
     ) -> tuple[sitk.Image, dict]:
-        import torch
-
-        threads = _torch_threads()
-        previous_threads = torch.get_num_threads()
-        # Set explicitly per job: pymskt sets OMP_NUM_THREADS=1 at import, which would otherwise
-        # leave torch on one thread.
-        torch.set_num_threads(threads)
-        try:
-            reused = self._state is not None and self._state.key == (*resolved.key, str(dev))
-            state = self._predictors(resolved, dev)
-            if resolved.spec.family == "dosma2d":
-                return self._run_dosma(loaded, resolved, state, reused, progress)
-            image, spacing, grid = _nnunet_input(loaded.image, resolved.reader)
-            seconds: dict[str, float] = {}
-            n = len(state.predictors)
-            previous = None
-            pairs = zip(resolved.stages, state.predictors, strict=True)
-            for i, (stage, predictor) in enumerate(pairs):
-                label = f"{stage.configuration} (stage {i + 1}/{n})"
-                _report(progress, i, n, f"{label}: preprocessing")
-                predictor.use_mirroring = bool(use_mirroring)
-                predictor.on_patch = _patch_reporter(progress, i, n, label)
-                start = time.perf_counter()
-                try:
-                    # A fresh properties dict per call: preprocessing adds keys to it.
-                    raw = predictor.predict_single_npy_array(image, {"spacing": spacing}, previous)
-                finally:
-                    predictor.on_patch = None
-                seconds[stage.configuration] = round(time.perf_counter() - start, 3)
-                # The next stage takes it as (1, ...) signed ints (uint8 overflows in its cropping).
-                raw = np.asarray(raw)
-                previous = raw[None].astype(np.int16)
-            _report(progress, n, n, "segmentation done")
-        finally:
-            torch.set_num_threads(previous_threads)
-
+        configure()
+        reused = self._state is not None and self._state.key == (*resolved.key, str(dev))
+        state = self._predictors(resolved, dev)
+        if resolved.spec.family == "dosma2d":
+            return self._run_dosma(loaded, resolved, state, reused, progress)
+        image, spacing, grid = _nnunet_input(loaded.image, resolved.reader)
+        seconds: dict[str, float] = {}
+        n = len(state.predictors)
+        previous = None
+        pairs = zip(resolved.stages, state.predictors, strict=True)
+        for i, (stage, predictor) in enumerate(pairs):
+            label = f"{stage.configuration} (stage {i + 1}/{n})"
+            _report(progress, i, n, f"{label}: preprocessing")
+            predictor.use_mirroring = bool(use_mirroring)
+            predictor.on_patch = _patch_reporter(progress, i, n, label)
+            start = time.perf_counter()
+            try:
+                # A fresh properties dict per call: preprocessing adds keys to it.
+                raw = predictor.predict_single_npy_array(image, {"spacing": spacing}, previous)
+            finally:
+                predictor.on_patch = None
+            seconds[stage.configuration] = round(time.perf_counter() - start, 3)
+            # The next stage takes it as (1, ...) signed ints (uint8 overflows in its cropping).
+            raw = np.asarray(raw)
+            previous = raw[None].astype(np.int16)
+        _report(progress, n, n, "segmentation done")
         seg = _to_pipeline_image(raw, resolved, loaded.image, grid)
         if resolved.spec.keep_largest:
             seg = _keep_largest(seg, resolved.spec.keep_largest)
@@ -254,7 +216,7 @@ class Segmenter:
         start = time.perf_counter()
         predictors = []
         for i, stage in enumerate(resolved.stages):
-            with contextlib.redirect_stdout(io.StringIO()):
+            with silenced():
                 # The constructor prints a harmless note on non-CUDA devices.
                 predictor = cls(
                     tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
@@ -298,7 +260,7 @@ def _model_record(resolved: models.ResolvedModel, state: _Loaded, reused: bool,
         **resolved.info(),
         "device": str(state.device),
         **extra,
-        "torch_threads": _torch_threads(),
+        "torch_threads": torch_threads(),
         "model_reused": reused,
         "seconds": {"load": 0.0 if reused else round(state.seconds, 3), **seconds},
         "libraries": _versions(),
@@ -360,6 +322,7 @@ def _predictor_class():
     global _PREDICTOR_CLASS
     if _PREDICTOR_CLASS is not None:
         return _PREDICTOR_CLASS
+    configure(torch_too=False)  # before nnU-Net's first import
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     class ProgressPredictor(nnUNetPredictor):

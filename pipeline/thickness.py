@@ -19,19 +19,18 @@ subregion pass on coarse scans. The minimums here are physical volumes instead.
 
 from __future__ import annotations
 
-import io
-import os
-import sys
 import time
-import warnings
-from contextlib import contextmanager, redirect_stdout
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from . import labels as L
-from . import rays
+from . import rays, scratch
+from .quiet import silenced
+from .stage import StageResult
 
 THICKNESS_ARRAY = "thickness (mm)"
 REGION_ARRAY = "labels"
@@ -79,24 +78,6 @@ class BoneResult:
         return np.asarray(self.bone_mesh.point_data[REGION_ARRAY], dtype=int)
 
 
-@contextmanager
-def quiet_native_output():
-    """Silence C-level stdout (meshfix progress, 'INTERSECTION IS') and library warnings."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _present(seg_arr: np.ndarray, labels_: tuple[int, ...]) -> list[int]:
     return [int(lab) for lab in labels_ if np.any(seg_arr == lab)]
 
@@ -120,16 +101,49 @@ def _large_enough(seg: sitk.Image, labels_: list[int], notes: list[str], what: s
     return kept
 
 
-def _cartilage_meshes(seg: sitk.Image, labels_: list[int], smooth_var: float) -> list:
+def _make_surface(mesh, smooth_var: float, tmp_dir: Path) -> None:
+    """pymskt's ``Mesh.create_mesh`` (same call, same defaults) with its temporary NRRD in
+    ``tmp_dir``: pymskt puts it in the process-wide temp root under a name from ``random``,
+    which neither concurrent jobs nor forked workers can share safely."""
+    from pymskt.mesh.createMesh import create_surface_mesh
+
+    surface = create_surface_mesh(
+        mesh.seg_image, mesh.label_idx, smooth_var,
+        loc_tmp_save=str(tmp_dir), tmp_filename=f"{uuid.uuid4().hex}.nrrd",
+    )
+    mesh.deep_copy(surface)
+
+
+def _cartilage_meshes(
+    seg: sitk.Image, labels_: list[int], smooth_var: float, tmp_dir: Path
+) -> list:
     """pymskt's ``create_cartilage_meshes`` with a physical, not voxel-count, minimum size."""
     from pymskt.mesh import CartilageMesh
 
     meshes = []
     for lab in labels_:
         mesh = CartilageMesh(seg_image=seg, label_idx=lab, min_n_pixels=1)
-        mesh.create_mesh(smooth_image_var=smooth_var)
+        _make_surface(mesh, smooth_var, tmp_dir)
         meshes.append(mesh)
     return meshes
+
+
+def _bone_mesh(seg: sitk.Image, spec: BoneSpec, carts: list[int], smooth_var: float,
+               tmp_dir: Path):
+    """pymskt's ``BoneMesh.create_mesh``: the femur (distal) or tibia (proximal) label cropped
+    to ``crop_percent`` of its width first, then the surface (see ``_make_surface``)."""
+    from pymskt.image import crop_bone_based_on_width
+    from pymskt.mesh import BoneMesh
+
+    if spec.crop_percent is not None:
+        seg = crop_bone_based_on_width(
+            seg, spec.bone_label, percent_width_to_crop_height=spec.crop_percent,
+            bone_crop_distal=spec.name == "femur",
+        )
+    bone = BoneMesh(seg_image=seg, label_idx=spec.bone_label,
+                    list_cartilage_labels=carts or None, bone=spec.name, min_n_pixels=1)
+    _make_surface(bone, smooth_var, tmp_dir)
+    return bone
 
 
 def mesh_bone(
@@ -139,30 +153,33 @@ def mesh_bone(
     *,
     cart_smooth_var: float = 0.3125,
     bone_smooth_var: float = 0.5,
+    tmp_dir: Path | None = None,
 ) -> tuple[BoneResult | None, list[str]]:
     """Bone surface with thickness and region arrays; ``None`` (with a warning) if absent.
 
     ``seg`` and ``subregions`` must be in the canonical orientation; meshes come out in the
     images' physical (scanner LPS) coordinates, which the canonical re-storing preserves.
     The two halves, ``bone_surface`` and ``assign_regions``, can run apart (``SurfaceJobs``).
+    pymskt's temporary files go to a folder made (and removed) under ``tmp_dir``.
     """
     result, notes = bone_surface(
-        seg, spec, cart_smooth_var=cart_smooth_var, bone_smooth_var=bone_smooth_var
+        seg, spec, cart_smooth_var=cart_smooth_var, bone_smooth_var=bone_smooth_var,
+        tmp_dir=tmp_dir,
     )
     if result is not None:
-        notes += assign_regions(result, subregions, cart_smooth_var=cart_smooth_var)
+        surfaces = region_surfaces(subregions, spec, cart_smooth_var=cart_smooth_var,
+                                   tmp_dir=tmp_dir)
+        notes += assign_regions(result, subregions, surfaces)
     return result, notes
 
 
 def bone_surface(
     seg: sitk.Image, spec: BoneSpec, *, cart_smooth_var: float = 0.3125,
-    bone_smooth_var: float = 0.5,
+    bone_smooth_var: float = 0.5, tmp_dir: Path | None = None,
 ) -> tuple[BoneResult | None, list[str]]:
     """The bone's surface (pymskt) with the cartilage thickness at its vertices; region labels
     are 0 until ``assign_regions``. ``None`` (with a note) when the bone is absent or a
     fragment."""
-    from pymskt.mesh import BoneMesh
-
     seg_arr = sitk.GetArrayViewFromImage(seg)
     notes: list[str] = []
     bone_mm3 = float(np.count_nonzero(seg_arr == spec.bone_label)) * _voxel_mm3(seg)
@@ -179,15 +196,11 @@ def bone_surface(
     for lab in missing:
         notes.append(f"{L.LABEL_NAMES[lab]} (label {lab}) is empty: its thickness is NaN.")
     carts = _large_enough(seg, carts, notes, "cartilage")
-    with quiet_native_output():
-        bone = BoneMesh(
-            seg_image=seg, label_idx=spec.bone_label, list_cartilage_labels=carts or None,
-            bone=spec.name, crop_percent=spec.crop_percent, min_n_pixels=1,
-        )
-        bone.create_mesh(smooth_image_var=bone_smooth_var)
+    with silenced(), scratch.folder(tmp_dir, prefix="knee_mesh_") as tmp:
+        bone = _bone_mesh(seg, spec, carts, bone_smooth_var, tmp)
         bone.resample_surface(clusters=spec.n_points)
         bone.fix_mesh()
-        meshes = _cartilage_meshes(seg, carts, cart_smooth_var)
+        meshes = _cartilage_meshes(seg, carts, cart_smooth_var, tmp)
     n = bone.GetNumberOfPoints()
     bone.point_data[REGION_ARRAY] = np.zeros(n, dtype=int)
     if not carts:
@@ -200,17 +213,13 @@ def bone_surface(
 
 
 def assign_regions(
-    result: BoneResult, subregions: sitk.Image, *, cart_smooth_var: float = 0.3125,
-    surfaces: tuple[list[int], list, list[str]] | None = None,
+    result: BoneResult, subregions: sitk.Image, surfaces: tuple[list[int], list, list[str]],
 ) -> list[str]:
     """Region labels (``spec.region_labels`` of the subregion map) on the bone's vertices, and
-    the region cartilage surfaces in ``result.cartilage_meshes``; ``surfaces`` is
-    ``region_surfaces``' result when made beforehand."""
+    the region cartilage surfaces (``region_surfaces``' result) in ``result.cartilage_meshes``."""
     if not result.cartilage_labels:
         return []  # no cartilage on this bone: every vertex stays 0, as in pymskt
-    regions, meshes, notes = surfaces or region_surfaces(
-        subregions, result.spec, cart_smooth_var=cart_smooth_var
-    )
+    regions, meshes, notes = surfaces
     bone = result.bone_mesh
     points, normals = np.asarray(bone.points, dtype=np.float64), rays.vertex_normals(bone)
     labels = np.zeros(len(points), dtype=int)
@@ -222,15 +231,16 @@ def assign_regions(
 
 
 def region_surfaces(
-    subregions: sitk.Image, spec: BoneSpec, *, cart_smooth_var: float = 0.3125
+    subregions: sitk.Image, spec: BoneSpec, *, cart_smooth_var: float = 0.3125,
+    tmp_dir: Path | None = None,
 ) -> tuple[list[int], list, list[str]]:
     """The cartilage surfaces of a bone's regions (labels present and large enough), with a
     note per region dropped. Needs only the subregion map, not the bone surface."""
     notes: list[str] = []
     sub_arr = sitk.GetArrayViewFromImage(subregions)
     regions = _large_enough(subregions, _present(sub_arr, spec.region_labels), notes, "region")
-    with quiet_native_output():
-        meshes = _cartilage_meshes(subregions, regions, cart_smooth_var)
+    with silenced(), scratch.folder(tmp_dir, prefix="knee_mesh_") as tmp:
+        meshes = _cartilage_meshes(subregions, regions, cart_smooth_var, tmp)
     return regions, meshes, notes
 
 
@@ -244,14 +254,18 @@ class SurfaceJobs:
     """
 
     def __init__(self, seg: sitk.Image, *, cart_smooth_var: float = 0.3125,
-                 bone_smooth_var: float = 0.5, workers: int | None = None):
+                 bone_smooth_var: float = 0.5, workers: int | None = None,
+                 tmp_dir: Path | None = None):
         from . import parallel
 
         self._seg = seg
-        self._kw = {"cart_smooth_var": cart_smooth_var, "bone_smooth_var": bone_smooth_var}
+        self._kw = {"cart_smooth_var": cart_smooth_var, "bone_smooth_var": bone_smooth_var,
+                    "tmp_dir": tmp_dir}
         self._jobs: dict[str, parallel.Forked] = {}
         self._done: dict[str, tuple[BoneResult | None, list[str], float]] = {}
         self._regions: dict[str, tuple[list[int], list, list[str]]] = {}
+        self._results: list[BoneResult] = []
+        self._notes: list[str] = []
         self.seconds: dict[str, float] = {}  # per bone, as its own process measured it
         workers = parallel.worker_count() if workers is None else workers
         if workers < 2:
@@ -274,20 +288,31 @@ class SurfaceJobs:
         result, notes, seconds = self._done.pop(spec.name)
         self.seconds[spec.name] = seconds
         if result is not None:
-            notes = notes + assign_regions(
-                result, subregions, cart_smooth_var=self._kw["cart_smooth_var"],
-                surfaces=self._regions.pop(spec.name, None),
-            )
+            surfaces = self._regions.pop(spec.name, None) or self._region_surfaces(spec, subregions)
+            notes = notes + assign_regions(result, subregions, surfaces)
+            self._results.append(result)
+        self._notes += notes
         return result, notes
+
+    def stage_result(self, subregions: sitk.Image) -> StageResult:
+        """The bones got so far as one stage: region thickness and volume metrics, the
+        ``BoneResult``s in ``data["bones"]``, every note, each bone's seconds in ``info``."""
+        metrics = region_thickness(self._results)
+        metrics.update(region_volumes(subregions))
+        return StageResult(metrics=metrics, notes=list(self._notes),
+                           data={"bones": list(self._results)},
+                           info={"surface_seconds": dict(self.seconds)})
+
+    def _region_surfaces(self, spec: BoneSpec, subregions: sitk.Image):
+        return region_surfaces(subregions, spec, cart_smooth_var=self._kw["cart_smooth_var"],
+                               tmp_dir=self._kw["tmp_dir"])
 
     def prepare_regions(self, subregions: sitk.Image) -> None:
         """Make the region surfaces of the bones still being meshed in workers, so that only
         the rays are left once a bone arrives."""
         for spec in BONES:
             if spec.name in self._jobs:
-                self._regions[spec.name] = region_surfaces(
-                    subregions, spec, cart_smooth_var=self._kw["cart_smooth_var"]
-                )
+                self._regions[spec.name] = self._region_surfaces(spec, subregions)
 
     def __enter__(self) -> SurfaceJobs:
         return self
@@ -337,7 +362,7 @@ def depth_split(result: BoneResult, seg: sitk.Image) -> sitk.Image:
     meshes, as the reference pipeline runs it in its T2 branch.
     """
     bone = result.bone_mesh
-    with quiet_native_output():
+    with silenced():
         bone.seg_image = seg
         bone.list_cartilage_labels = list(result.cartilage_labels)
         bone.list_cartilage_meshes = [mesh.copy() for _, mesh in result.thickness_meshes]

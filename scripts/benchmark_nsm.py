@@ -13,7 +13,7 @@ resampled femur). The decoder's other keys and every fitting key (``*_recon``: 2
 shared NSM fixture's config, which carries the real fitting values). Random weights give no
 real shape: only the timings and memory mean anything.
 
-Each repeat runs what ``pipeline.shape.run_shape_model`` runs, with the product functions:
+Each repeat runs what ``pipeline.shape.fit_variant`` runs, with the product functions:
 ``load_decoder`` (the random checkpoint, written in the published format, loaded on CPU),
 ``fit_nsm`` (mean shape, similarity ICP + sampling, latent optimisation, mesh extraction,
 ASSD; it moves the decoder to ``--device`` and back), ``bscore`` (a random unit BScore vector)
@@ -382,7 +382,7 @@ def print_table(report: dict) -> None:
                      "skipped (no pyvista)" if r["write_outputs_s"] is None else "pyvista .vtk"))
         total = r["load_s"] + r["fit_s"] + r["bscore_s"] + (r["write_outputs_s"] or 0.0)
         gpu = f", peak GPU {r['peak_gpu_mb']} MB" if "peak_gpu_mb" in r else ""
-        rows.append((name, "run_shape_model", _fmt(total), f"peak RSS {r['peak_rss_mb']} MB{gpu}"))
+        rows.append((name, "fit_variant", _fmt(total), f"peak RSS {r['peak_rss_mb']} MB{gpu}"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  "
              f"{row[2].rjust(widths[2])}  {row[3]}".rstrip() for row in rows]

@@ -245,7 +245,7 @@ def run_child(model: str, image_path: Path, device: str) -> dict:
     t_import = time.perf_counter()
     import SimpleITK as sitk
 
-    from pipeline import segment
+    from pipeline import process, segment
     from pipeline.errors import PipelineError
     from pipeline.inputs import LoadedImage
 
@@ -287,7 +287,7 @@ def run_child(model: str, image_path: Path, device: str) -> dict:
         "model": model,
         "configurations": info["configurations"],
         "device": info["device"],
-        "torch_threads": segment._torch_threads(),
+        "torch_threads": process.torch_threads(),
         "image_size": list(image.GetSize()),
         "image_spacing": [round(s, 4) for s in image.GetSpacing()],
         "import_s": round(import_s, 2),

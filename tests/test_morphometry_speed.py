@@ -23,6 +23,7 @@ from pipeline import inputs, parallel, rays, regions, thickness
 from pipeline import labels as L
 from pipeline import phantom as P
 from pipeline.errors import ErrorCode, PipelineError
+from pipeline.quiet import silenced
 from pipeline.run import Options, run
 
 
@@ -47,7 +48,7 @@ def test_rays_match_pymskt(knee, spec):
     ours_thick = np.asarray(bone.point_data[thickness.THICKNESS_ARRAY])
     region_meshes = thickness._cartilage_meshes(sub, list(spec.region_labels), 0.3125)
     ours_regions = sum(rays.region_labels(points, normals, m, sub) for m in region_meshes)
-    with thickness.quiet_native_output():
+    with silenced():
         bone.calc_cartilage_thickness(
             list_cartilage_meshes=[m for _, m in result.thickness_meshes])
         theirs_thick = np.asarray(bone.point_data[thickness.THICKNESS_ARRAY])

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 
 from pipeline.dicom_writer import write_dicom_series, write_qdess_series
 from pipeline.errors import ErrorCode, PipelineError
-from pipeline.qdess import (
+from pipeline.t2.qdess import (
     is_two_echo_series,
     load_qdess_series,
     read_qdess_params,

@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline import labels as L
-from pipeline import models, phantom, segment
+from pipeline import models, phantom, process, segment
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.inputs import LoadedImage
 
@@ -43,7 +43,7 @@ def knee() -> LoadedImage:
 @pytest.fixture(autouse=True)
 def _fresh_state(monkeypatch):
     monkeypatch.delenv(models.ENV_MODEL_DIR, raising=False)
-    monkeypatch.setenv(segment.ENV_THREADS, "1")  # the test hosts are small and shared
+    monkeypatch.setenv(process.ENV_THREADS, "1")  # the test hosts are small and shared
     yield
     segment.unload()
 

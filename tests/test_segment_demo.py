@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline import labels as L
-from pipeline import models, phantom, segment
+from pipeline import models, phantom, process, segment
 from pipeline.run import Options, run
 
 DEMO = models.REGISTRY["demo_phantom"]
@@ -48,7 +48,7 @@ def demo_case(request, tmp_path_factory):
     ph = phantom.generate(spec)
     sitk.WriteImage(ph.image, str(folder / "knee.nii.gz"))
     mp = pytest.MonkeyPatch()
-    mp.setenv(segment.ENV_THREADS, "1")
+    mp.setenv(process.ENV_THREADS, "1")
     try:
         result = run(folder / "knee.nii.gz", folder / "out",
                      Options(model="demo_phantom", compute_t2=False))

@@ -211,9 +211,9 @@ def test_writer_names_and_params(right_fit, tmp_path):
     assert "assd_cartilage_mm" not in params and params["Bscore"] is None
 
 
-def test_run_shape_model_with_fixture_checkpoint(one_thread, tmp_path):
+def test_fit_variant_with_fixture_checkpoint(one_thread, tmp_path):
     """Whole chain (load, fit, BScore, write) on the published-format fixture checkpoint."""
-    from pipeline.shape import ModelPaths, as_trimesh, run_shape_model
+    from pipeline.shape import ModelPaths, as_trimesh, fit_variant
 
     ckpt = FIXTURES / "nsm" / "2000.pth"
     if not ckpt.is_file():
@@ -227,7 +227,7 @@ def test_run_shape_model_with_fixture_checkpoint(one_thread, tmp_path):
     (bs / "model.json").write_text(json.dumps(
         {"bscore_vector": (np.ones(16) / 4.0).tolist(), "mean_healthy": 0.0, "std_healthy": 1.0}))
     paths = ModelPaths("bone_cartilage", NSM_CONFIG, ckpt, bs)
-    run = run_shape_model(paths, bone, cart, side="left", out_dir=tmp_path / "out",
+    run = fit_variant(paths, bone, cart, side="left", out_dir=tmp_path / "out",
                           device="cpu", clip_femur=False, n_pts_per_axis=48,
                           mean_n_pts_per_axis=48, recon_overrides={"num_iterations_recon": 3})
     assert run.result.n_iterations == 3 and np.isfinite(run.bscore)

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 import time
 import traceback
 import uuid
@@ -28,9 +27,6 @@ from .manifest import Case
 STATE_DIR = ".cohort"
 # Options that change where a case runs but not what it computes.
 _NOT_IN_KEY = ("device",)
-# ``run()`` switches the process-wide ``tempfile.tempdir`` (issue #14), so a worker process runs
-# one case at a time whatever its thread count.
-ONE_PIPELINE = threading.Lock()
 
 
 def case_dir(out: Path, case_id: str) -> Path:
@@ -142,11 +138,11 @@ def analyze_case(case: Case, out: Path, options, options_hash: str, presegmented
         record.update(inputs=digests, key=case_key(digests, options_hash))
         if isinstance(presegmented, PipelineError):
             raise presegmented
-        with ONE_PIPELINE:
-            result = run(
-                case.image, tmp, options, seg_path=case.seg, echo2_path=case.echo2,
-                qdess_params_path=case.qdess_params, presegmented=presegmented,
-            )
+        # run() keeps everything per job, so a worker with several threads runs cases at once.
+        result = run(
+            case.image, tmp, options, seg_path=case.seg, echo2_path=case.echo2,
+            qdess_params_path=case.qdess_params, presegmented=presegmented,
+        )
         final = case_dir(out, case.id)
         _replace_dir(tmp, final)
         record.update(status="done", code="", message="", zip=result.zip_path.name,

@@ -137,10 +137,9 @@ def segment_task(case: Case, options):
     from ..run import segment_input
 
     try:
-        with C.ONE_PIPELINE:
-            return segment_input(case.image, options, echo2_path=case.echo2,
-                                 qdess_params_path=case.qdess_params,
-                                 segmenter=_worker_segmenter())
+        # The worker's segmenter serialises its own calls (it holds one model).
+        return segment_input(case.image, options, echo2_path=case.echo2,
+                             qdess_params_path=case.qdess_params, segmenter=_worker_segmenter())
     except PipelineError as exc:
         return exc
 

@@ -3,7 +3,8 @@
 Modules: ``decoder`` (triplanar decoder, checkpoint loading), ``mesh`` (SDF mesh extraction,
 ASSD), ``prepare`` (side, mirroring, femur clipping), ``register`` (similarity ICP), ``fit``
 (latent optimisation), ``bscore``, ``models`` (local / Hub model folders), ``outputs``
-(reference file names), ``run`` (all of it in one call).
+(reference file names), ``stage`` (the step of ``run()``, and ``fit_variant``: one variant in
+one call).
 """
 
 from pipeline.shape.bscore import bscore
@@ -29,7 +30,7 @@ from pipeline.shape.models import (
 )
 from pipeline.shape.outputs import OUTPUT_NAMES, nsm_params, write_nsm_outputs
 from pipeline.shape.prepare import clip_femur_top, detect_knee_side, mirror_left_to_right
-from pipeline.shape.run import ShapeRun, run_shape_model
+from pipeline.shape.stage import ShapeRun, fit_variant, stage
 
 __all__ = [
     "OUTPUT_NAMES",
@@ -59,7 +60,9 @@ __all__ = [
     "nsm_params",
     "read_mesh",
     "resolve_local_model",
-    "run_shape_model",
+    "stage",
+    "stage",
+    "fit_variant",
     "write_nsm_outputs",
     "write_vtk",
 ]

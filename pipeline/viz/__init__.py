@@ -15,6 +15,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
+from ..stage import StageResult
 from ..thickness import BoneResult
 from .colors import (
     NO_CARTILAGE_RGB,
@@ -38,8 +39,26 @@ __all__ = [
     "export_thickness_glbs", "knee_frame", "knee_side", "label_legend", "label_name",
     "medial_sign", "n_slices", "qc_summary", "qc_warnings", "render_slice", "t2_legend_png",
     "thickness_colors", "thickness_legend_png", "thickness_map_png", "window_levels",
-    "write_visuals",
+    "qc_stage", "stage", "write_visuals",
 ]
+
+
+def qc_stage(seg_c: sitk.Image) -> StageResult:
+    """Plausibility checks of the segmentation: ``info["qc"]`` (``qc_summary``) and a note per
+    flag."""
+    qc = qc_summary(seg_c)
+    return StageResult(notes=qc_warnings(qc), info={"qc": qc})
+
+
+def stage(out_dir: Path, stem: str, bone_results: list[BoneResult], seg_c: sitk.Image,
+          qc: dict[str, Any] | None = None) -> StageResult:
+    """``write_visuals`` as a stage: ``files`` by role (``femur_glb`` … ``knee_glb``,
+    ``legend``, ``thickness_map``, ``qc``), a note per picture that failed."""
+    notes: list[str] = []
+    files = write_visuals(out_dir, stem, bone_results, seg_c, qc=qc, notes=notes)
+    glbs = {*GLB_NAMES, "knee"}
+    return StageResult(notes=notes,
+                       files={f"{k}_glb" if k in glbs else k: p for k, p in files.items()})
 
 
 def knee_frame(bone_results: list[BoneResult], seg_c: sitk.Image | None = None) -> ViewFrame:
