@@ -42,9 +42,14 @@ class InProcessRunner:
         self.info: dict[str, Any] = {}
         self.starts = 0
         self.pid = None
+        self.segmenter = None  # made at start: the model stays loaded between jobs
 
     def start(self) -> None:
+        from pipeline.segment import Segmenter
+
         from . import system
+
+        self.segmenter = self.segmenter or Segmenter()
 
         self.info = system.device_info() if self.accelerate is None else {
             "device": "zero-gpu", "gpu": None}
@@ -55,7 +60,7 @@ class InProcessRunner:
     def run(self, spec: JobSpec, on_step: Callable, timeout_s: float):
         # No timeout here: native code in a thread cannot be stopped; ZeroGPU's own duration
         # limit ends the accelerated calls.
-        return run_spec(spec, on_step, self.accelerate)
+        return run_spec(spec, on_step, self.accelerate, self.segmenter)
 
 
 def zero_gpu_accelerate(cap_s: int) -> Callable[[str, Callable], Callable] | None:

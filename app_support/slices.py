@@ -24,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from pipeline import inputs, viz
+from pipeline import geometry, inputs, viz
 from pipeline import labels as L
 from pipeline.viz.colors import colormap_rgba
 
@@ -116,7 +116,7 @@ def _windowed_uint8(view: np.ndarray, window: tuple[float, float], chunk: int = 
 
 
 def _read_canonical(path: str | os.PathLike) -> np.ndarray:
-    return sitk.GetArrayFromImage(inputs.to_canonical(sitk.ReadImage(os.fspath(path))))
+    return sitk.GetArrayFromImage(geometry.to_canonical(sitk.ReadImage(os.fspath(path))))
 
 
 def t2_codes(t2_ms: np.ndarray) -> np.ndarray:
@@ -165,7 +165,7 @@ def load_volumes(
     Labels or a T2 map on another grid than the image are left out (logged), never fatal.
     """
     loaded = inputs.load_image(image_path, max_bytes=max_bytes)
-    image_c = inputs.to_canonical(loaded.image)
+    image_c = geometry.to_canonical(loaded.image)
     del loaded
     window = viz.window_levels(image_c)
     spacing = tuple(float(s) for s in image_c.GetSpacing())[::-1]

@@ -69,13 +69,16 @@ def failure_of(exc: BaseException) -> Failure:
     return Failure(ErrorCode.INTERNAL.value, f"unexpected {type(exc).__name__}", detail)
 
 
-def run_spec(spec: JobSpec, on_step: Callable, accelerate: Callable | None = None):
-    """Run one job in this process; returns a ``Result`` or a ``Failure`` (never raises)."""
+def run_spec(spec: JobSpec, on_step: Callable, accelerate: Callable | None = None,
+             segmenter=None):
+    """Run one job in this process; returns a ``Result`` or a ``Failure`` (never raises).
+    ``segmenter`` (a ``pipeline.segment.Segmenter``) keeps the model for the next job."""
     from pipeline.run import run
 
     try:
         result = run(spec.image, Path(spec.out_dir), spec.options, seg_path=spec.segmentation,
-                     progress=on_step, accelerate=accelerate, tmp_dir=spec.tmp_dir)
+                     progress=on_step, accelerate=accelerate, tmp_dir=spec.tmp_dir,
+                     segmenter=segmenter)
     except BaseException as exc:  # everything must reach the caller, or it waits forever
         return failure_of(exc)
     # The web process serves the files the job wrote; the volumes stay out of the pipe.
@@ -85,8 +88,11 @@ def run_spec(spec: JobSpec, on_step: Callable, accelerate: Callable | None = Non
 def _serve(conn: Connection) -> None:
     """The worker's main loop (runs in the child process)."""
     from pipeline import run as _warm  # noqa: F401 - import the heavy stack once, up front
+    from pipeline.segment import Segmenter
 
     from . import system
+
+    segmenter = Segmenter()  # this worker's model, kept from one job to the next
 
     conn.send(("hello", {**system.device_info(), "pid": os.getpid()}))
     while True:
@@ -96,7 +102,7 @@ def _serve(conn: Connection) -> None:
             return  # the web process went away
         if spec is None:
             return
-        outcome = run_spec(spec, lambda step: conn.send(("step", step)))
+        outcome = run_spec(spec, lambda step: conn.send(("step", step)), segmenter=segmenter)
         kind = "failure" if isinstance(outcome, Failure) else "result"
         try:
             conn.send((kind, outcome))

@@ -68,7 +68,7 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
-    from . import phantom as P
+    from .synthetic import phantom as P
 
     spec = P.PhantomSpec(
         size=tuple(args.size),

@@ -7,6 +7,8 @@ that escapes a stage is a bug (CLI exit 1).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 
 
@@ -49,3 +51,17 @@ class PipelineError(Exception):
 
     def __str__(self) -> str:
         return f"error[{self.code.value}]: {self.message}"
+
+
+FILE_ERRORS = (OSError, ValueError, KeyError, TypeError)  # what reading/parsing a file raises
+
+
+@contextmanager
+def refused_on(errors: tuple[type[BaseException], ...], code: ErrorCode, what: str,
+               advice: str) -> Iterator[None]:
+    """Turn ``errors`` raised in the block into ``PipelineError(code, "{what}: {exc}. {advice}")``
+    (the original chained), e.g. an unreadable model file into MODEL_UNAVAILABLE."""
+    try:
+        yield
+    except errors as exc:
+        raise PipelineError(code, f"{what}: {exc}. {advice}") from exc

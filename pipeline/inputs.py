@@ -28,8 +28,8 @@ import SimpleITK as sitk
 from . import labels as L
 from . import scratch
 from .errors import ErrorCode, PipelineError
+from .geometry import check_same_grid, orientation_code
 
-CANONICAL = "PIR"  # numpy axis 0 = M/L (toward right), 1 = S/I (inferior +), 2 = A/P (posterior +)
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 DEFAULT_MAX_BYTES = 600 * 1024**2
 MAX_ARCHIVE_MEMBERS = 5000
@@ -37,7 +37,6 @@ MAX_ARCHIVE_BYTES = 4 * 1024**3
 MAX_ARCHIVE_RATIO = 200.0
 MIN_AXIS_VOXELS = 16
 SPACING_RANGE_MM = (0.01, 20.0)
-GEOMETRY_RTOL = 1e-3
 _NESTED_ARCHIVES = (".zip", ".tar", ".tgz", ".tar.gz", ".gz", ".bz2", ".xz", ".7z", ".rar")
 _JUNK = ("__MACOSX", ".DS_Store", "Thumbs.db", "DICOMDIR")
 
@@ -238,28 +237,6 @@ def load_segmentation(
         )
     out = sitk.GetImageFromArray(arr.astype(np.uint8))
     out.CopyInformation(reference)
-    return out
-
-
-def orientation_code(image: sitk.Image) -> str:
-    """DICOM-style three-letter code (where each index axis points; LPS = identity)."""
-    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
-
-
-def to_canonical(image: sitk.Image) -> sitk.Image:
-    """Re-store an image so numpy axis 0 is M/L, 1 is S/I and 2 is A/P (code ``PIR``).
-
-    An exact permutation/flip of voxels (no interpolation), which is what the mesh and
-    subregion stages assume (pymskt's ``ml_axis=0``).
-    """
-    return sitk.DICOMOrient(image, CANONICAL)
-
-
-def from_canonical(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """Inverse of ``to_canonical``: back onto ``reference``'s original grid and axis order."""
-    out = sitk.DICOMOrient(image, orientation_code(reference))
-    check_same_grid(out, reference, "internal result", code=ErrorCode.INTERNAL)
-    out.CopyInformation(reference)  # remove rounding noise from the permutation
     return out
 
 
@@ -595,28 +572,3 @@ def _validated(img: sitk.Image, name: str) -> sitk.Image:
             ErrorCode.INVALID_VALUES, f"{name}: image is constant ({float(arr.min())}); no anatomy."
         )
     return deidentified(img)
-
-
-def check_same_grid(
-    seg: sitk.Image, ref: sitk.Image, name: str, code: ErrorCode = ErrorCode.SEG_MISMATCH
-) -> None:
-    """Refuse (``code``) an image not on ``ref``'s grid: size, spacing, origin, direction."""
-    problems = []
-    if seg.GetSize() != ref.GetSize():
-        problems.append(f"size {list(seg.GetSize())} vs image {list(ref.GetSize())}")
-    else:
-        for what, a, b in (
-            ("spacing", seg.GetSpacing(), ref.GetSpacing()),
-            ("origin", seg.GetOrigin(), ref.GetOrigin()),
-            ("direction", seg.GetDirection(), ref.GetDirection()),
-        ):
-            a, b = np.asarray(a), np.asarray(b)
-            scale = max(1.0, float(np.max(np.abs(b)))) if what != "spacing" else np.abs(b)
-            if np.any(np.abs(a - b) > GEOMETRY_RTOL * scale):
-                problems.append(
-                    f"{what} {np.round(a, 4).tolist()} vs image {np.round(b, 4).tolist()}"
-                )
-    if problems:
-        raise PipelineError(
-            code, f"{name} does not match the image grid: " + "; ".join(problems) + "."
-        )

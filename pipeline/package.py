@@ -108,7 +108,7 @@ def provenance(loaded, options, *, model_info: dict | None, seg_source: str,
                mesh_index: dict[str, int], extra: dict[str, Any]) -> dict:
     """The ``{stem}_provenance.json`` record of one job (no patient identifiers: the input is
     described by its geometry only)."""
-    from . import inputs, regions
+    from . import geometry, regions
 
     img = loaded.image
     return {
@@ -124,7 +124,7 @@ def provenance(loaded, options, *, model_info: dict | None, seg_source: str,
             "spacing": list(img.GetSpacing()),
             "origin": list(img.GetOrigin()),
             "direction": list(img.GetDirection()),
-            "orientation": inputs.orientation_code(img),
+            "orientation": geometry.orientation_code(img),
             "echoes": loaded.n_echoes,
             "qdess_tags_present": loaded.qdess_tags_present,
         },

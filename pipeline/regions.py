@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
+from . import geometry
 from . import labels as L
 from .errors import ErrorCode, PipelineError
 from .stage import StageResult
@@ -53,22 +54,6 @@ def reference_checksum() -> str:
     """sha256 of the reference knee's voxel array (recorded in provenance)."""
     arr = sitk.GetArrayViewFromImage(_reference_image())
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
-
-
-def is_right_knee(seg: sitk.Image) -> bool:
-    """Side from the tibial cartilage centroids: on a right knee lateral is patient-right (−x)."""
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(seg)
-    present = set(stats.GetLabels())
-    if not {L.MED_TIB_CART, L.LAT_TIB_CART} <= present:
-        raise PipelineError(
-            ErrorCode.SEGMENTATION_FAILED,
-            "cannot tell left from right: medial and lateral tibial cartilage (labels 3 and 4) "
-            "are both needed for the femoral subregions.",
-        )
-    med = np.array(stats.GetCentroid(L.MED_TIB_CART))
-    lat = np.array(stats.GetCentroid(L.LAT_TIB_CART))
-    return bool(lat[0] < med[0])
 
 
 def _binary(seg: sitk.Image, label: int) -> sitk.Image:
@@ -162,7 +147,7 @@ def femoral_subregions(
 ) -> sitk.Image:
     """Label map with femoral cartilage (2) split into 11–15 and tibial 3/4 verified.
 
-    ``seg`` must be in the canonical orientation (``inputs.to_canonical``).
+    ``seg`` must be in the canonical orientation (``geometry.to_canonical``).
     """
     from pymskt.image.cartilage_processing import (
         get_cartilage_subregions,
@@ -174,7 +159,7 @@ def femoral_subregions(
     orig = sitk.GetArrayFromImage(seg)
     if not np.any(orig == L.FEMORAL_CART):
         return seg  # nothing to split; the caller warns about the missing cartilage
-    right = is_right_knee(seg)
+    right = geometry.knee_side(seg) == "right"
     transform = register_femur(seg, right)
 
     reference = _reference_image()
@@ -305,8 +290,6 @@ def stage(seg_c: sitk.Image, input_image: sitk.Image, outputs) -> StageResult:
     """The "Femoral subregions" step: the subregion map (``images["subregions"]``, canonical;
     the femoral cartilage stays label 2 with a note when it cannot be split) and both label
     maps written on the input's grid (``{stem}_all-labels``, ``{stem}_subregions-labels``)."""
-    from . import inputs
-
     out = StageResult(images={"labels": seg_c})
     arr = sitk.GetArrayViewFromImage(seg_c)
     if not np.any(arr == L.FEMORAL_CART):
@@ -320,5 +303,5 @@ def stage(seg_c: sitk.Image, input_image: sitk.Image, outputs) -> StageResult:
         sub_c = femoral_subregions(seg_c)
     out.images["subregions"] = sub_c
     for role, image in (("all-labels", seg_c), ("subregions-labels", sub_c)):
-        out.files[role] = outputs.write_image(inputs.from_canonical(image, input_image), role)[0]
+        out.files[role] = outputs.write_image(geometry.from_canonical(image, input_image), role)[0]
     return out

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from . import inputs, package, regions, scratch, thickness, viz
+from . import geometry, inputs, package, regions, scratch, thickness, viz
 from . import labels as L
 from .errors import ErrorCode, PipelineError
 from .package import Outputs
@@ -180,9 +180,10 @@ def run(
     ``accelerate`` wraps segmentation inference and the shape-model fit (see ``Accelerate``).
     ``presegmented`` is the model's segmentation of this input made beforehand by
     ``segment_input`` (a cohort runs it as a GPU task); the results are those of a model run.
-    ``segmenter`` (a ``segment.Segmenter``) holds the model between calls; default: the
-    process's own. Temporary files (extracted uploads, pymskt's) go to a folder of this job
-    made under ``tmp_dir`` (default: the temp root) and removed at the end, however it ends.
+    ``segmenter`` (a ``segment.Segmenter``) keeps the model between jobs; without one the job
+    loads the model and frees it at the end. Temporary files (extracted uploads, pymskt's) go
+    to a folder of this job made under ``tmp_dir`` (default: the temp root), removed at the end
+    however it ends.
     Several jobs may run at once in one process (threads); each stage's result is its own.
     """
     options = options or Options()
@@ -208,7 +209,7 @@ def run(
             seconds = track.seconds["Segmentation"] + presegmented.seconds  # done beforehand
             track.seconds["Segmentation"] = round(seconds, 3)
 
-        seg_c = inputs.to_canonical(segmentation.images["labels"])
+        seg_c = geometry.to_canonical(segmentation.images["labels"])
         # The bone surfaces need only the labels: they start now (in worker processes when
         # there are cores for them) and the subregions are computed meanwhile.
         with thickness.SurfaceJobs(seg_c, cart_smooth_var=options.cart_smooth_var,
@@ -344,7 +345,7 @@ class Presegmented:
     started_utc: str = ""
 
     def on_grid_of(self, image: sitk.Image) -> sitk.Image:
-        inputs.check_same_grid(self.image, image, "the segmentation made beforehand")
+        geometry.check_same_grid(self.image, image, "the segmentation made beforehand")
         return self.image
 
 
@@ -352,8 +353,8 @@ def segment_input(
     input_path, options: Options, *, echo2_path=None, qdess_params_path=None,
     progress: ProgressFn | None = None, segmenter=None, tmp_dir: str | Path | None = None,
 ) -> Presegmented:
-    """Load an input and segment it with ``options.model`` (on ``segmenter``, else the
-    process's default): the accelerator-bound half of a model run, for callers that schedule
+    """Load an input and segment it with ``options.model`` (on ``segmenter``, else on one made
+    and freed for this call): the accelerator-bound half of a model run, for callers that schedule
     it apart from the rest (``run(presegmented=...)``)."""
     track = _Tracker(progress)
     started = datetime.now(timezone.utc).isoformat()
@@ -368,13 +369,19 @@ def segment_input(
 
 
 def _segment_with_model(loaded, options: Options, track: _Tracker, segmenter=None):
-    from . import segment  # imports torch/nnunetv2: only when a model is used
+    from .segment import Segmenter  # imports torch/nnunetv2 when a model is used
 
-    segmenter = segmenter or segment.default_segmenter()
-    return segmenter(
-        loaded, options.model, device=options.device, use_mirroring=options.tta,
-        progress=lambda done, total, detail="": track.sub("Segmentation", done, total, detail),
-    )
+    own = segmenter is None
+    segmenter = Segmenter() if own else segmenter
+    try:
+        return segmenter(
+            loaded, options.model, device=options.device, use_mirroring=options.tta,
+            progress=lambda done, total, detail="": track.sub("Segmentation", done, total,
+                                                                detail),
+        )
+    finally:
+        if own:  # nobody keeps it: free the model now
+            segmenter.unload()
 
 
 def _check_bones_present(seg: sitk.Image) -> None:

@@ -8,7 +8,8 @@ cascade's first-stage prediction is the second stage's extra input, as
 ``nnUNetv2_predict -prev_stage_predictions`` does.
 
 A ``Segmenter`` owns one loaded model (its predictors stay loaded between calls with the same
-model; ``unload()`` frees them); ``segment``/``load``/``unload`` use the process's default one.
+model; ``unload()`` frees them). Whoever keeps a model between jobs owns a segmenter: the app's
+worker, a Dask worker; ``run()`` without one makes its own for the job and frees it after.
 Checkpoints are pickles: only load model folders you trust.
 """
 
@@ -53,8 +54,8 @@ class Segmenter:
 
     The predictors stay loaded between calls with the same model and device (one model in
     memory at a time per segmenter); ``unload()`` frees them. Whoever creates a segmenter owns
-    it: the app's worker process and the CLI use the process's default (``segment()``), a Dask
-    worker its own (``pipeline.cohort``). Calls are serialised by the segmenter's lock.
+    it (the app's worker, a Dask worker's plugin, ``run()`` for one job). Calls are serialised
+    by the segmenter's lock.
     """
 
     def __init__(self) -> None:
@@ -266,42 +267,6 @@ def _model_record(resolved: models.ResolvedModel, state: _Loaded, reused: bool,
         "libraries": _versions(),
         "warnings": warnings,
     }
-
-
-# The process's own segmenter: the CLI and the app's worker process use it through these.
-_DEFAULT = Segmenter()
-
-
-def default_segmenter() -> Segmenter:
-    """The segmenter of this process (what ``segment``, ``load`` and ``unload`` use)."""
-    return _DEFAULT
-
-
-def segment(
-    loaded: LoadedImage,
-    model: str | models.ModelSpec | None,
-    *,
-    device: str = "auto",
-    use_mirroring: bool = False,
-    progress: ProgressFn | None = None,
-) -> tuple[sitk.Image, dict]:
-    """``Segmenter.__call__`` on the process's default segmenter."""
-    return _DEFAULT(loaded, model, device=device, use_mirroring=use_mirroring, progress=progress)
-
-
-def load(model: str | models.ModelSpec | None = None, *, device: str = "auto") -> dict:
-    """``Segmenter.load`` on the process's default segmenter."""
-    return _DEFAULT.load(model, device=device)
-
-
-def unload() -> None:
-    """``Segmenter.unload`` on the process's default segmenter."""
-    _DEFAULT.unload()
-
-
-def loaded_model_key() -> tuple | None:
-    """Identity of the model the default segmenter holds (None when none is)."""
-    return _DEFAULT.loaded_key
 
 
 def _release_freed_memory() -> None:

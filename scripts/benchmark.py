@@ -54,7 +54,7 @@ def _case_inputs(case: str, folder: Path) -> tuple[Path, Path]:
     if case in ("real", "dess"):
         return _real_knee(folder, case)
 
-    from pipeline import phantom as P
+    from pipeline.synthetic import phantom as P
 
     # The OAI DESS grid: 384×384×160 at 0.3646×0.3646×0.7 mm.
     spec = P.PhantomSpec(size=(384, 384, 160), spacing=(0.3646, 0.3646, 0.7),

@@ -28,7 +28,7 @@ def _phantoms(folder: Path, n: int, with_seg: bool) -> Path:
     """``n`` phantom knees (alternating sides, varied cartilage) on a 0.9 mm grid."""
     import SimpleITK as sitk
 
-    from pipeline import phantom as P
+    from pipeline.synthetic import phantom as P
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):

@@ -56,10 +56,10 @@ def main() -> None:
     import SimpleITK as sitk
     import torch
 
-    from pipeline import phantom
     from pipeline.dosma2d.keras_h5 import load_keras_h5, predict
     from pipeline.dosma2d.runner import segment_planes
     from pipeline.models import dosma_folder_planes
+    from pipeline.synthetic import phantom
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))

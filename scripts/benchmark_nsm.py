@@ -6,12 +6,12 @@
 Fits a RANDOM-WEIGHT ``pipeline.shape.TriplanarDecoder`` of the published ShapeMedKnee 2024 size
 (spec nsm-bscore.md (a): latent 512, five 512-channel transposed convs from 2×2 to 64×64 planes,
 128 features per plane, MLP 512-512-512, two objects; 20.8 M parameters, a ~160 MB checkpoint)
-to the femur and femoral-cartilage surfaces of the synthetic knee phantom (``pipeline.phantom``,
-marching cubes of labels 7 and 2 on a 1 mm grid: ~20,000 femur vertices like the pipeline's
-resampled femur). The decoder's other keys and every fitting key (``*_recon``: 2000 iterations,
-20,000 samples per iteration, learning-rate schedule, ...) come from ``--config`` (default: the
-shared NSM fixture's config, which carries the real fitting values). Random weights give no
-real shape: only the timings and memory mean anything.
+to the femur and femoral-cartilage surfaces of the synthetic knee phantom
+(``pipeline.synthetic.phantom``, marching cubes of labels 7 and 2 on a 1 mm grid: ~20,000 femur
+vertices like the pipeline's resampled femur). The decoder's other keys and every fitting key
+(``*_recon``: 2000 iterations, 20,000 samples per iteration, learning-rate schedule, ...) come
+from ``--config`` (default: the shared NSM fixture's config, which carries the real fitting
+values). Random weights give no real shape: only the timings and memory mean anything.
 
 Each repeat runs what ``pipeline.shape.fit_variant`` runs, with the product functions:
 ``load_decoder`` (the random checkpoint, written in the published format, loaded on CPU),
@@ -122,7 +122,7 @@ def phantom_meshes(spacing: float) -> tuple[TriMesh, TriMesh, dict]:
     from skimage import measure
 
     from pipeline import labels as L
-    from pipeline import phantom as P
+    from pipeline.synthetic import phantom as P
 
     size = tuple(int(round(e / spacing)) for e in PHANTOM_FOV_MM)
     spec = P.PhantomSpec(size=size, spacing=(spacing,) * 3, orientation="LPS",

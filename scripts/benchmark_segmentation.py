@@ -18,7 +18,7 @@ on the OAI DESS grid (384×384×160 voxels at 0.365×0.365×0.7 mm), with:
   ``tests/nnunet_tiny.py`` (with SGD momentum buffers, like nnU-Net's ~0.8 GB checkpoints).
   Its labels are garbage: only the timings and memory mean anything.
 
-Each model runs in its own process (``segment.load``, then ``segment.segment``), so its peak
+Each model runs in its own process (``Segmenter.load``, then a call), so its peak
 resident memory is its own; per-stage seconds and sliding-window patch counts come from the
 progress callback. Peak memory is Linux's VmHWM of that process.
 
@@ -259,7 +259,8 @@ def run_child(model: str, image_path: Path, device: str) -> dict:
     rss_input = _rss_mb()
 
     start = time.perf_counter()
-    info = segment.load(model, device=device)
+    segmenter = segment.Segmenter()
+    info = segmenter.load(model, device=device)
     load_s = time.perf_counter() - start
     rss_loaded = _rss_mb()
 
@@ -276,7 +277,7 @@ def run_child(model: str, image_path: Path, device: str) -> dict:
     status, warnings = "ok", []
     t0 = time.perf_counter()
     try:
-        _, record = segment.segment(loaded, model, device=device, progress=progress)
+        _, record = segmenter(loaded, model, device=device, progress=progress)
         warnings = record["warnings"]
     except PipelineError as exc:  # e.g. SEGMENTATION_FAILED: random weights, no bones
         status = f"{exc.code.value}: {exc.message}"
@@ -307,7 +308,7 @@ def run_child(model: str, image_path: Path, device: str) -> dict:
         import torch
 
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 1024**2)
-    segment.unload()
+    segmenter.unload()
     return out
 
 
@@ -317,7 +318,7 @@ def run_child(model: str, image_path: Path, device: str) -> dict:
 def _write_phantom(size, spacing, path: Path) -> float:
     import SimpleITK as sitk
 
-    from pipeline import phantom as P
+    from pipeline.synthetic import phantom as P
 
     start = time.perf_counter()
     spec = P.PhantomSpec(size=tuple(size), spacing=tuple(spacing),

@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import phantom as P  # noqa: E402
 from pipeline.run import Options, run  # noqa: E402
+from pipeline.synthetic import phantom as P  # noqa: E402
 
 EXAMPLE = ROOT / "assets" / "examples"
 NSM_FIXTURE = ROOT.parent / "shared" / "fixtures" / "nsm"

@@ -28,10 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import phantom  # noqa: E402
 from pipeline.dosma2d import processing as P  # noqa: E402
 from pipeline.dosma2d.keras_h5 import build_graph, save_keras_h5  # noqa: E402
 from pipeline.models import DOSMA_FILES  # noqa: E402
+from pipeline.synthetic import phantom  # noqa: E402
 
 OUT = ROOT / "assets" / "models" / "demo_dosma"
 SIZES = {"sagittal": (128, 128), "coronal": (64, 128), "axial": (64, 128)}

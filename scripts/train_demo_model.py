@@ -6,8 +6,8 @@ The shipped model was built in two runs (about 75 min on one shared CPU core in 
     python scripts/train_demo_model.py --epochs 60 --init /tmp/demo1mm
     python scripts/train_demo_model.py --epochs 2 --iters 5 --out /tmp/demo_check  # smoke run
 
-Steps: generate right-knee phantoms (``pipeline.phantom``, varied grids, thicknesses, noise,
-bias and in-plane obliquity) as an nnU-Net raw dataset; fingerprint, plan (ResEnc-M planner)
+Steps: generate right-knee phantoms (``pipeline.synthetic.phantom``, varied grids, thicknesses,
+noise, bias and in-plane obliquity) as an nnU-Net raw dataset; fingerprint, plan (ResEnc-M planner)
 and preprocess with nnunetv2's Python API, replacing the planner's GPU-sized 3d_fullres
 configuration by a tiny CPU one (default 1 × 0.7 × 0.7 mm, 80×56×56 patches, 8-64 features);
 train fold ``all`` with a no-mirroring trainer (mirroring makes medial/lateral
@@ -47,7 +47,7 @@ ENV_THREADS = "KNEE_TORCH_THREADS"
 
 def phantom_spec(rng, seed: int, *, fine: bool = False):
     """A random right-knee phantom on a random sagittal (PIR) grid covering the joint."""
-    from pipeline.phantom import PhantomSpec
+    from pipeline.synthetic.phantom import PhantomSpec
 
     if fine:
         spacing = (1.0, 1.0, 1.0)
@@ -73,7 +73,7 @@ def write_raw(raw: Path, n_cases: int, seed: int) -> None:
     import SimpleITK as sitk
 
     from pipeline import labels as L
-    from pipeline import phantom
+    from pipeline.synthetic import phantom
 
     folder = raw / DATASET
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def write_raw(raw: Path, n_cases: int, seed: int) -> None:
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "MRI"}, "labels": labels, "numTraining": n_cases,
         "file_ending": ".nii.gz",
-        "description": "synthetic knee phantoms (pipeline.phantom); DEMO model only",
+        "description": "synthetic knee phantoms (pipeline.synthetic.phantom); DEMO model only",
     }, indent=1))
 
 
@@ -202,19 +202,22 @@ def evaluate(model_dir: Path, n_cases: int, seed: int) -> dict:
     import SimpleITK as sitk
 
     from pipeline import labels as L
-    from pipeline import models, phantom, segment
+    from pipeline import models
     from pipeline.errors import PipelineError
     from pipeline.inputs import LoadedImage
+    from pipeline.segment import Segmenter
+    from pipeline.synthetic import phantom
 
     # The registry entry (with its post-processing), pointed at this folder.
     spec = replace(models.REGISTRY["demo_phantom"], local_dir=model_dir)
     rng = np.random.default_rng(seed)
     per_label: dict[int, list[float]] = {v: [] for v in L.SEG_LABELS}
+    segmenter = Segmenter()
     for i in range(n_cases):
         ph = phantom.generate(phantom_spec(rng, seed * 1000 + i, fine=i % 2 == 0))
         loaded = LoadedImage(sitk.Cast(ph.image, sitk.sitkFloat32), f"eval{i}", "nii.gz")
         try:
-            seg, _ = segment.segment(loaded, spec)
+            seg, _ = segmenter(loaded, spec)
         except PipelineError as exc:  # e.g. no tibia found: scores 0 rather than aborting
             print(f"eval case {i}: {exc}")
             seg = sitk.Image(ph.labels.GetSize(), sitk.sitkUInt8)
@@ -293,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     times["evaluate"] = time.perf_counter() - t0
     card = {
         "name": "demo_phantom",
-        "warning": "DEMO ONLY: trained on synthetic phantoms (pipeline/phantom.py), right knees, "
-        "sagittal PIR-stored grids; meaningless on real MRI.",
+        "warning": "DEMO ONLY: trained on synthetic phantoms (pipeline/synthetic/phantom.py), "
+        "right knees, sagittal PIR-stored grids; meaningless on real MRI.",
         "dataset": DATASET, "plans": PLANS, "configuration": CONFIG, "fold": FOLD,
         "trainer": "nnUNetTrainerNoMirroring subclass (saved as nnUNetTrainer)",
         "postprocessing": "registry entry keeps the largest component of every label",

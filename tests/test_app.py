@@ -457,7 +457,7 @@ def test_timeout_then_worker_killed_then_next_job_succeeds(app: App) -> None:
 
 
 def test_twelve_clients_at_once_all_done_one_at_a_time(app: App) -> None:
-    from pipeline import phantom
+    from pipeline.synthetic import phantom
 
     small = phantom.generate(phantom.PhantomSpec(size=(100, 100, 76), spacing=(1.2,) * 3))
     base = phantom.write_phantom(small, app.root / "twelve", stem="small")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from app_support import jobs, slices, viewers, visuals
 from app_support.config import Settings
-from pipeline import inputs, viz
+from pipeline import geometry, viz
 from pipeline import labels as L
 from pipeline.run import Result
 from pipeline.viz.mesh3d import ColoredMesh, write_glb
@@ -66,7 +66,7 @@ def test_t2_codes_round_trip_and_clip() -> None:
 
 
 def test_load_volumes_uint8_canonical_with_legend(volumes: slices.SliceVolumes) -> None:
-    canon = sitk.GetArrayFromImage(inputs.to_canonical(sitk.ReadImage(str(IMAGE))))
+    canon = sitk.GetArrayFromImage(geometry.to_canonical(sitk.ReadImage(str(IMAGE))))
     assert volumes.image.dtype == np.uint8 and volumes.image.shape == canon.shape
     assert volumes.labels is not None and volumes.labels.dtype == np.uint8
     assert volumes.t2 is None and volumes.overlays() == ["labels", "none"]
@@ -153,7 +153,7 @@ def _fake_job(out: Path, stem: str, nsm: bool = False) -> None:
     write_glb(meshes, out / viz.KNEE_GLB)
     viz.thickness_legend_png(out / viz.LEGEND_PNG)
     Image.new("RGB", (40, 30), "white").save(out / f"{stem}_thickness_map.png")
-    seg_c = inputs.to_canonical(sitk.ReadImage(str(SEG)))
+    seg_c = geometry.to_canonical(sitk.ReadImage(str(SEG)))
     (out / f"{stem}_qc.json").write_text(json.dumps(viz.qc_summary(seg_c)))
     sitk.WriteImage(sitk.ReadImage(str(SEG)), str(out / f"{stem}_subregions-labels.nii.gz"))
     if nsm:

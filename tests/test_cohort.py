@@ -25,11 +25,11 @@ import SimpleITK as sitk
 pytest.importorskip("distributed")
 
 from pipeline import models  # noqa: E402
-from pipeline import phantom as P  # noqa: E402
 from pipeline.cohort import manifest as M  # noqa: E402
 from pipeline.cohort.tables import BASE_COLUMNS, changes_table  # noqa: E402
 from pipeline.errors import ErrorCode, PipelineError  # noqa: E402
 from pipeline.run import Options, run  # noqa: E402
+from pipeline.synthetic import phantom as P  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

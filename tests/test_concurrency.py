@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import phantom as P
+from pipeline.synthetic import phantom as P
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "examples"

@@ -15,9 +15,10 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from pipeline import dicom_writer, inputs
-from pipeline import phantom as P
+from pipeline import geometry, inputs
 from pipeline.errors import ErrorCode, PipelineError
+from pipeline.synthetic import dicom_writer
+from pipeline.synthetic import phantom as P
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(size=(64, 72, 40), spacing=(1.5, 1.4, 2.5))
@@ -70,7 +71,8 @@ def test_image_files_round_trip(small_phantom, tmp_path, ext):
 
 def test_dicom_series_zip_folder_and_extensionless(small_phantom, tmp_path):
     series = tmp_path / "series"
-    dicom_writer.write_dicom_series(small_phantom.image, series, series_description="Sag PD")
+    dicom_writer.write_dicom_series(small_phantom.image, series,
+                                    dicom_writer.SeriesIdentity("Sag PD"))
     expected = sitk.GetArrayFromImage(small_phantom.image)
     # As a folder.
     folder = inputs.load_image(series)
@@ -137,15 +139,15 @@ def test_same_phantom_dicom_nifti_nrrd_identical(small_phantom, tmp_path):
 @pytest.mark.parametrize("code", ["LPS", "RAS", "RAI", "LPI", "SPL"])
 def test_orientation_invariance(small_phantom, tmp_path, code):
     """The same voxels stored sagittal-LPS, RAS and axial load to one canonical array."""
-    canonical_ref = sitk.GetArrayFromImage(inputs.to_canonical(small_phantom.image))
+    canonical_ref = sitk.GetArrayFromImage(geometry.to_canonical(small_phantom.image))
     stored = P.reorient(small_phantom.image, code)
-    assert inputs.orientation_code(stored) == code
+    assert geometry.orientation_code(stored) == code
     path = tmp_path / f"k_{code}.nii.gz"
     sitk.WriteImage(stored, str(path))
     loaded = inputs.load_image(path)
-    canon = inputs.to_canonical(loaded.image)
+    canon = geometry.to_canonical(loaded.image)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(canon), canonical_ref)
-    back = inputs.from_canonical(canon, loaded.image)
+    back = geometry.from_canonical(canon, loaded.image)
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(loaded.image)
     )
@@ -156,7 +158,7 @@ def test_canonical_puts_medial_lateral_on_axis0(tmp_path):
     """Tibial cartilage plates differ along numpy axis 0 whatever the stored orientation."""
     for code in ("PIR", "RAS", "LPI"):
         ph = P.generate(P.PhantomSpec(**SMALL, orientation=code, noise=0.0))
-        arr = sitk.GetArrayFromImage(inputs.to_canonical(ph.labels))
+        arr = sitk.GetArrayFromImage(geometry.to_canonical(ph.labels))
         med = np.argwhere(arr == 3).mean(axis=0)
         lat = np.argwhere(arr == 4).mean(axis=0)
         assert abs(med[0] - lat[0]) > 5 and abs(med[2] - lat[2]) < 3, code
@@ -164,8 +166,8 @@ def test_canonical_puts_medial_lateral_on_axis0(tmp_path):
 
 def test_oblique_round_trip(tmp_path):
     ph = P.generate(P.PhantomSpec(**SMALL, oblique_deg=12.0, noise=0.0))
-    canon = inputs.to_canonical(ph.image)
-    back = inputs.from_canonical(canon, ph.image)
+    canon = geometry.to_canonical(ph.image)
+    back = geometry.from_canonical(canon, ph.image)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(ph.image))
     _same_physical(back, ph.image, atol=1e-9)
 
@@ -266,8 +268,10 @@ def test_dicom_without_pixel_data(tmp_path):
 
 
 def test_multi_series(small_phantom, tmp_path):
-    dicom_writer.write_dicom_series(small_phantom.image, tmp_path / "s1", series_description="Sag")
-    dicom_writer.write_dicom_series(small_phantom.image, tmp_path / "s2", series_description="Cor")
+    dicom_writer.write_dicom_series(small_phantom.image, tmp_path / "s1",
+                                    dicom_writer.SeriesIdentity("Sag"))
+    dicom_writer.write_dicom_series(small_phantom.image, tmp_path / "s2",
+                                    dicom_writer.SeriesIdentity("Cor"))
     members = {f"s1/{p.name}": p for p in (tmp_path / "s1").iterdir()}
     members |= {f"s2/{p.name}": p for p in (tmp_path / "s2").iterdir()}
     err = _expect(ErrorCode.MULTI_SERIES, inputs.load_image, _zip(tmp_path / "two.zip", members))
@@ -369,7 +373,8 @@ def test_no_temp_files_left(small_phantom, tmp_path, temp_snapshot):
 
 def test_patient_identifiers_never_reach_outputs(small_phantom, tmp_path):
     files = dicom_writer.write_dicom_series(
-        small_phantom.image, tmp_path / "s", patient_name="Doe^Jane", patient_id="MRN12345"
+        small_phantom.image, tmp_path / "s",
+        dicom_writer.SeriesIdentity(patient_name="Doe^Jane", patient_id="MRN12345"),
     )
     assert pydicom.dcmread(files[0]).PatientName == "Doe^Jane"
     single = tmp_path / "mf.dcm"

@@ -21,11 +21,11 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from pipeline import inputs, regions
+from pipeline import geometry, regions
 from pipeline import labels as L
-from pipeline import phantom as P
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.run import Options, run
+from pipeline.synthetic import phantom as P
 
 ROOT = Path(__file__).resolve().parents[1]
 FOV_MM = (112.0, 112.0, 91.0)  # A/P, S/I, M/L of the default sagittal (PIR) phantom grid
@@ -117,9 +117,8 @@ def test_regions_land_on_the_right_side(varying_case):
     ant, wb, post = (centre[L.ANT_FEM_CART][1], centre[L.MED_WB_FEM_CART][1],
                      centre[L.MED_POST_FEM_CART][1])
     assert ant < wb < post
-    assert regions.is_right_knee(sitk.ReadImage(str(result.out_dir / "knee_all-labels.nrrd"))) == (
-        spec.side == "right"
-    )
+    labels = sitk.ReadImage(str(result.out_dir / "knee_all-labels.nrrd"))
+    assert geometry.knee_side(labels) == spec.side
 
 
 def test_orientation_invariance_of_results(tmp_path):
@@ -135,7 +134,7 @@ def test_orientation_invariance_of_results(tmp_path):
         results[code] = _means(res)
         # Outputs are written in the input's own geometry.
         out = sitk.ReadImage(str(folder / "out" / "k_all-labels.nii.gz"))
-        assert inputs.orientation_code(out) == code
+        assert geometry.orientation_code(out) == code
     for code in ("RAS", "LPS"):
         diffs = {k: abs(results[code][k] - results["PIR"][k]) for k in results["PIR"]}
         assert max(diffs.values()) < 0.05, (code, diffs)
@@ -252,7 +251,7 @@ def test_stray_cartilage_speck_does_not_move_subregions():
     """Weight-bearing boundaries come from the main femoral cartilage piece: a 3-voxel speck
     behind the condyles (a typical model false positive) must not shift them."""
     spec = _spec(0.7, slice_mm=1.0, fem_cart_mm=(2.0, 2.4))
-    seg = inputs.to_canonical(P.generate(spec).labels)
+    seg = geometry.to_canonical(P.generate(spec).labels)
     clean = sitk.GetArrayFromImage(regions.femoral_subregions(seg))
     arr = sitk.GetArrayFromImage(seg)
     fem = np.argwhere(arr == L.FEMORAL_CART)

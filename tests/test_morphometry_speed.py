@@ -19,18 +19,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline import inputs, parallel, rays, regions, thickness
+from pipeline import geometry, parallel, rays, regions, thickness
 from pipeline import labels as L
-from pipeline import phantom as P
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.quiet import silenced
 from pipeline.run import Options, run
+from pipeline.synthetic import phantom as P
 
 
 def _knee(side: str = "right") -> sitk.Image:
     spec = P.PhantomSpec(size=(180, 180, 110), spacing=(0.6, 0.6, 0.8), side=side,
                          fem_cart_mm=(1.8, 2.6), tib_cart_mm=(2.0, 2.8))
-    return inputs.to_canonical(P.generate(spec).labels)
+    return geometry.to_canonical(P.generate(spec).labels)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_split_in_box_equals_split_of_whole_volume(side):
     )
 
     seg = sitk.Cast(_knee(side), sitk.sitkUInt8)
-    transform = regions.register_femur(seg, regions.is_right_knee(seg))
+    transform = regions.register_femur(seg, geometry.knee_side(seg) == "right")
     aligned = sitk.GetArrayFromImage(sitk.Resample(
         seg, regions._reference_image(), transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
     )).astype(np.int16)

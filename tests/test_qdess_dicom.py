@@ -11,8 +11,9 @@ import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from pipeline.dicom_writer import write_dicom_series, write_qdess_series
 from pipeline.errors import ErrorCode, PipelineError
+from pipeline.synthetic.dicom_writer import SeriesIdentity, write_dicom_series, write_qdess_series
+from pipeline.t2 import SKIP_TAGS_REMOVED, QDessParams
 from pipeline.t2.qdess import (
     is_two_echo_series,
     load_qdess_series,
@@ -21,7 +22,6 @@ from pipeline.t2.qdess import (
     series_t2_map,
     split_echoes,
 )
-from pipeline.t2 import SKIP_TAGS_REMOVED, QDessParams
 
 FIXTURE = (Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "qdess_t2"
            / "qdess_t2_A.npz")
@@ -56,10 +56,11 @@ def to_rcs(image: sitk.Image) -> np.ndarray:
     return np.transpose(sitk.GetArrayFromImage(image), (1, 2, 0))
 
 
-def write_fixture(fx, out_dir: Path, **kwargs) -> list[Path]:
+def write_fixture(fx, out_dir: Path, identity: SeriesIdentity | None = None,
+                  **kwargs) -> list[Path]:
     kwargs.setdefault("echo2_te_ms", float(fx["echo2_te_ms"]))
     return write_qdess_series(to_image(fx["echo1"]), to_image(fx["echo2"]), out_dir,
-                              fixture_params(fx), **kwargs)
+                              fixture_params(fx), identity, **kwargs)
 
 
 def assert_t2_matches(fx, series) -> None:
@@ -90,8 +91,9 @@ def test_fixture_round_trip(fx, tmp_path, implicit_vr):
 
 
 def test_written_headers(fx, tmp_path):
-    paths = write_fixture(fx, tmp_path, patient_name="Doe^Jane", patient_id="MRN123",
-                          patient_birth_date="19700101", series_description="Sag DESS Low 3132")
+    paths = write_fixture(fx, tmp_path, SeriesIdentity(
+        "Sag DESS Low 3132", patient_name="Doe^Jane", patient_id="MRN123",
+        patient_birth_date="19700101"))
     files = [pydicom.dcmread(p) for p in paths]
     assert len(files) == 16
     assert [int(ds.InstanceNumber) for ds in files] == list(range(1, 17))

@@ -18,9 +18,10 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline import labels as L
-from pipeline import models, phantom, process, segment
+from pipeline import models, process, segment
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.inputs import LoadedImage
+from pipeline.synthetic import phantom
 
 # Output biases that make the random models predict femur or tibia almost everywhere, so the
 # result passes the "femur and tibia present" check; which of the two wins varies per voxel.
@@ -40,12 +41,16 @@ def knee() -> LoadedImage:
     return LoadedImage(sitk.Cast(ph.image, sitk.sitkFloat32), "phantom", "nii.gz")
 
 
+# The tests' own segmenter (what the app's worker holds): emptied after every test.
+SEG = segment.Segmenter()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state(monkeypatch):
     monkeypatch.delenv(models.ENV_MODEL_DIR, raising=False)
     monkeypatch.setenv(process.ENV_THREADS, "1")  # the test hosts are small and shared
     yield
-    segment.unload()
+    SEG.unload()
 
 
 def _hide_demo(monkeypatch, tmp_path: Path) -> None:
@@ -69,7 +74,7 @@ def _values(img: sitk.Image) -> set[int]:
 
 
 def test_cascade_output_on_input_grid(tiny, knee):
-    seg, info = segment.segment(knee, str(tiny))
+    seg, info = SEG(knee, str(tiny))
     _same_grid(seg, knee.image)
     assert seg.GetPixelID() == sitk.sitkUInt8
     assert _values(seg) <= {0, *L.SEG_LABELS}
@@ -93,7 +98,7 @@ def test_cascade_feeds_first_stage_to_second(tiny, knee, monkeypatch):
         return out
 
     monkeypatch.setattr(cls, "predict_single_npy_array", spy)
-    segment.segment(knee, str(tiny))
+    SEG(knee, str(tiny))
     (first_prev_name, first_prev, first_props, first_out), second = calls
     assert first_prev_name is None and first_prev is None
     assert second[0] == "3d_lowres"
@@ -105,7 +110,7 @@ def test_cascade_feeds_first_stage_to_second(tiny, knee, monkeypatch):
 
 
 def test_single_stage_folder(tiny, knee):
-    seg, info = segment.segment(knee, str(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"))
+    seg, info = SEG(knee, str(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"))
     _same_grid(seg, knee.image)
     assert info["configurations"] == ["3d_fullres"]
     assert list(info["seconds"]) == ["load", "3d_fullres"]
@@ -117,7 +122,7 @@ def test_same_result_as_stock_nnunet_predictor(tiny, knee):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     folder = tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"
-    seg, _ = segment.segment(knee, str(folder))
+    seg, _ = SEG(knee, str(folder))
     stock = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
     stock.initialize_from_trained_model_folder(str(folder), (1,), "checkpoint_best.pth")
     image = sitk.GetArrayFromImage(knee.image)[None].astype(np.float32)
@@ -127,12 +132,12 @@ def test_same_result_as_stock_nnunet_predictor(tiny, knee):
 
 
 def test_predictor_reused_between_jobs(tiny, knee):
-    _, first = segment.segment(knee, str(tiny))
-    predictors = list(segment.default_segmenter().predictors)
-    key = segment.loaded_model_key()
-    _, second = segment.segment(knee, str(tiny))
-    assert segment.loaded_model_key() == key
-    again = segment.default_segmenter().predictors
+    _, first = SEG(knee, str(tiny))
+    predictors = list(SEG.predictors)
+    key = SEG.loaded_key
+    _, second = SEG(knee, str(tiny))
+    assert SEG.loaded_key == key
+    again = SEG.predictors
     assert all(a is b for a, b in zip(predictors, again, strict=True))
     assert not first["model_reused"] and second["model_reused"]
     # One copy of the weights in memory: the reloaded parameters share the network's storage.
@@ -141,11 +146,11 @@ def test_predictor_reused_between_jobs(tiny, knee):
     assert all(reload[k].data_ptr() == p.data_ptr() for k, p in net_params.items())
     assert second["seconds"]["load"] == 0.0
     # Another model replaces it: one model in memory at a time.
-    segment.segment(knee, str(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"))
-    assert segment.loaded_model_key() != key
-    assert len(segment.default_segmenter().predictors) == 1
-    segment.unload()
-    assert segment.loaded_model_key() is None
+    SEG(knee, str(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"))
+    assert SEG.loaded_key != key
+    assert len(SEG.predictors) == 1
+    SEG.unload()
+    assert SEG.loaded_key is None
 
 
 def test_segmenters_own_their_models(tiny, knee):
@@ -153,7 +158,7 @@ def test_segmenters_own_their_models(tiny, knee):
     a, b = segment.Segmenter(), segment.Segmenter()
     seg_a, info_a = a(knee, str(tiny))
     seg_b, info_b = b(knee, str(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"))
-    assert a.loaded_key != b.loaded_key and segment.loaded_model_key() is None
+    assert a.loaded_key != b.loaded_key and SEG.loaded_key is None
     _, again = a(knee, str(tiny))
     assert again["model_reused"] and not info_a["model_reused"]
     a.unload()
@@ -163,7 +168,7 @@ def test_segmenters_own_their_models(tiny, knee):
 
 def test_progress_reports_increasing_patches(tiny, knee):
     calls: list[tuple[int, int, str]] = []
-    segment.segment(knee, str(tiny), progress=lambda d, t, detail="": calls.append((d, t, detail)))
+    SEG(knee, str(tiny), progress=lambda d, t, detail="": calls.append((d, t, detail)))
     fractions = [d / t for d, t, _ in calls]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     for stage in ("3d_lowres (stage 1/2)", "3d_cascade_fullres (stage 2/2)"):
@@ -176,10 +181,10 @@ def test_progress_reports_increasing_patches(tiny, knee):
 
 
 def test_mirroring_option(tiny, knee):
-    seg, info = segment.segment(knee, str(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"),
+    seg, info = SEG(knee, str(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"),
                                 use_mirroring=True)
     assert info["use_mirroring"] is True
-    assert segment.default_segmenter().predictors[0].use_mirroring is True
+    assert SEG.predictors[0].use_mirroring is True
     _same_grid(seg, knee.image)
 
 
@@ -193,7 +198,7 @@ def test_oblique_input_and_reorienting_reader(tmp_path):
     plans["image_reader_writer"] = "SimpleITKIOWithReorient"
     folder = T.write_stage(tmp_path / "Dataset501_Reorient", "3d_fullres", plans=plans,
                            bias=BONES)
-    seg, info = segment.segment(loaded, str(folder))
+    seg, info = SEG(loaded, str(folder))
     _same_grid(seg, loaded.image)
     assert {L.FEMUR, L.TIBIA} <= _values(seg)
 
@@ -205,7 +210,7 @@ def test_permuted_label_numbering_is_mapped_by_name(tmp_path, knee):
              "lateral_meniscus": 6, "femur_bone": 8, "Tibia": 9, "patella_bone": 10}
     folder = T.write_stage(tmp_path / "Dataset502_Permuted", "3d_fullres", labels=names,
                            bias={8: 10.0, 9: 10.0})
-    seg, info = segment.segment(knee, str(folder))
+    seg, info = SEG(knee, str(folder))
     assert _values(seg) <= {0, L.FEMUR, L.TIBIA, *L.SEG_LABELS}
     assert {L.FEMUR, L.TIBIA} <= _values(seg)
     assert info["label_map"] == {"0": 0, "1": 1, "2": 2, "3": 3, "4": 4, "5": 5, "6": 6,
@@ -215,7 +220,7 @@ def test_permuted_label_numbering_is_mapped_by_name(tmp_path, knee):
 def test_result_without_tibia_is_refused(tmp_path, knee):
     folder = T.write_stage(tmp_path / "Dataset503_FemurOnly", "3d_fullres", bias={7: 30.0})
     with pytest.raises(PipelineError) as err:
-        segment.segment(knee, str(folder))
+        SEG(knee, str(folder))
     assert err.value.code is ErrorCode.SEGMENTATION_FAILED
     assert "tibia" in err.value.message
 
@@ -273,7 +278,7 @@ def test_model_with_unknown_label_names_refused(tmp_path, knee):
     labels = {**T.KNEE_LABELS, "fibula": 10}
     folder = T.write_stage(tmp_path / "Dataset504_Fibula", "3d_fullres", labels=labels)
     with pytest.raises(PipelineError) as err:
-        segment.segment(knee, str(folder))
+        SEG(knee, str(folder))
     assert err.value.code is ErrorCode.INVALID_LABELS and "fibula" in err.value.message
 
 
@@ -423,7 +428,7 @@ def test_hub_model_from_cache_offline(tmp_path, monkeypatch, tiny, knee):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     _hide_demo(monkeypatch, tmp_path)
     assert [s.id for s in models.available_models()] == ["nnunet_knee", "nnunet_knee_fullres"]
-    seg, info = segment.segment(knee, "nnunet_knee")
+    seg, info = SEG(knee, "nnunet_knee")
     _same_grid(seg, knee.image)
     assert info["commit"] == COMMIT and info["revision"] == "main"
     assert info["configurations"] == ["3d_lowres", "3d_cascade_fullres"]
@@ -434,7 +439,7 @@ def test_hub_model_from_cache_offline(tmp_path, monkeypatch, tiny, knee):
 
 def test_invalid_device_refused(tiny, knee):
     with pytest.raises(PipelineError) as err:
-        segment.segment(knee, str(tiny), device="tpu")
+        SEG(knee, str(tiny), device="tpu")
     assert err.value.code is ErrorCode.INVALID_PARAMETERS
 
 
@@ -444,7 +449,7 @@ def test_cuda_requested_without_gpu(tiny, knee):
     if torch.cuda.is_available():
         pytest.skip("this host has a GPU")
     with pytest.raises(PipelineError) as err:
-        segment.segment(knee, str(tiny), device="cuda")
+        SEG(knee, str(tiny), device="cuda")
     assert err.value.code is ErrorCode.INVALID_PARAMETERS
 
 
@@ -468,7 +473,7 @@ def _oom_once(monkeypatch):
 
 def test_gpu_oom_retries_on_cpu_in_auto_mode(tiny, knee, monkeypatch):
     devices = _oom_once(monkeypatch)
-    seg, info = segment.segment(knee, str(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"))
+    seg, info = SEG(knee, str(tiny / f"{T.TRAINER}__{T.PLANS}__3d_fullres"))
     assert devices == ["cpu", "cpu"] and info["device"] == "cpu"
     assert any("ran out of memory" in w for w in info["warnings"])
 
@@ -476,6 +481,6 @@ def test_gpu_oom_retries_on_cpu_in_auto_mode(tiny, knee, monkeypatch):
 def test_gpu_oom_with_explicit_cuda_is_gpu_oom(tiny, knee, monkeypatch):
     _oom_once(monkeypatch)
     with pytest.raises(PipelineError) as err:
-        segment.segment(knee, str(tiny), device="cuda")
+        SEG(knee, str(tiny), device="cuda")
     assert err.value.code is ErrorCode.GPU_OOM
-    assert segment.loaded_model_key() is None  # memory given back
+    assert SEG.loaded_key is None  # memory given back

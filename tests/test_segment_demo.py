@@ -16,8 +16,9 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline import labels as L
-from pipeline import models, phantom, process, segment
+from pipeline import models, process
 from pipeline.run import Options, run
+from pipeline.synthetic import phantom
 
 DEMO = models.REGISTRY["demo_phantom"]
 THICKNESS_TOL_MM = 0.3
@@ -53,7 +54,6 @@ def demo_case(request, tmp_path_factory):
         result = run(folder / "knee.nii.gz", folder / "out",
                      Options(model="demo_phantom", compute_t2=False))
     finally:
-        segment.unload()
         mp.undo()
     return spec, ph, result
 

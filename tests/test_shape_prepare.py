@@ -1,14 +1,16 @@
-"""Pre-NSM preparation (spec h): side detection, left->right mirroring, femur top clipping."""
+"""Pre-NSM preparation (spec h): knee side, left->right mirroring, femur top clipping."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import pyvista as pv
+import SimpleITK as sitk
 
 from pipeline.errors import ErrorCode, PipelineError
+from pipeline.geometry import knee_side
 from pipeline.labels import LAT_TIB_CART, MED_TIB_CART
-from pipeline.shape import TriMesh, clip_femur_top, detect_knee_side, mirror_left_to_right
+from pipeline.shape import TriMesh, clip_femur_top, mirror_left_to_right
 
 
 def _cylinder(radius: float, height: float) -> TriMesh:
@@ -57,14 +59,18 @@ def test_mirror_uses_femur_mean_x_for_all_meshes():
     np.testing.assert_array_equal(fb.faces, bone.faces[:, ::-1])
 
 
-def test_detect_side():
+def test_knee_side_from_tibial_plates_in_physical_space():
+    """One side definition for every stage (geometry.knee_side): lateral plate toward LPS −x
+    of the medial plate means a right knee, whatever the storage order."""
     seg = np.zeros((4, 5, 20), dtype=np.uint8)  # [k, j, i]
     seg[:, :, 2:5] = MED_TIB_CART
     seg[:, :, 14:17] = LAT_TIB_CART
-    identity = np.eye(3).ravel()
-    # Medial at low i -> medial x < lateral x -> left knee; flipping the x axis makes it right.
-    assert detect_knee_side(seg, identity) == "left"
-    assert detect_knee_side(seg, np.diag([-1.0, 1.0, 1.0]).ravel()) == "right"
+    image = sitk.GetImageFromArray(seg)
+    # Medial at low i (LPS x) -> medial x < lateral x -> left knee; flipping x makes it right.
+    assert knee_side(image) == "left"
+    image.SetDirection(np.diag([-1.0, 1.0, 1.0]).ravel().tolist())
+    assert knee_side(image) == "right"
+    assert knee_side(sitk.DICOMOrient(image, "PIR")) == "right"  # re-stored: same knee
     with pytest.raises(PipelineError) as err:
-        detect_knee_side(np.zeros_like(seg), identity)
-    assert err.value.code == ErrorCode.INVALID_LABELS
+        knee_side(sitk.GetImageFromArray(np.zeros_like(seg)))
+    assert err.value.code == ErrorCode.SEGMENTATION_FAILED

@@ -19,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline import labels as L
-from pipeline import phantom as P
+from pipeline.synthetic import phantom as P
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = dict(size=(140, 140, 91), spacing=(0.8, 0.8, 1.0), noise=0.0, bias=0.0)

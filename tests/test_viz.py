@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline import inputs, thickness, viz
+from pipeline import geometry, thickness, viz
 from pipeline import labels as L
 from pipeline.viz import colors
 from pipeline.viz.mesh3d import LPS_TO_VIEW, ViewFrame
@@ -56,7 +56,7 @@ def _fake_subregions(seg_c: sitk.Image) -> sitk.Image:
 
 @pytest.fixture(scope="module")
 def knee():
-    seg_c = inputs.to_canonical(sitk.Cast(sitk.ReadImage(str(EXAMPLE_SEG)), sitk.sitkUInt8))
+    seg_c = geometry.to_canonical(sitk.Cast(sitk.ReadImage(str(EXAMPLE_SEG)), sitk.sitkUInt8))
     sub_c = _fake_subregions(seg_c)
     results = []
     for spec in thickness.BONES:

@@ -29,7 +29,7 @@ from pipeline.shape.models import (
     resolve_local_model,
 )
 from pipeline.shape.outputs import OUTPUT_NAMES, nsm_params, write_nsm_outputs
-from pipeline.shape.prepare import clip_femur_top, detect_knee_side, mirror_left_to_right
+from pipeline.shape.prepare import clip_femur_top, mirror_left_to_right
 from pipeline.shape.stage import ShapeRun, fit_variant, stage
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "bscore",
     "clip_femur_top",
     "decoder_sdf_fn",
-    "detect_knee_side",
     "download_model",
     "extract_meshes",
     "fit_nsm",

@@ -7,22 +7,19 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ErrorCode, PipelineError
+from pipeline.errors import FILE_ERRORS, ErrorCode, PipelineError, refused_on
 
 
 def load_bscore_model(model_json_path: str | Path) -> tuple[np.ndarray, float, float]:
     """Read ``model.json``: (bscore_vector float64 (D,), mean_healthy, std_healthy)."""
-    try:
+    with refused_on(FILE_ERRORS, ErrorCode.MODEL_UNAVAILABLE,
+                    f"cannot read BScore model {model_json_path}",
+                    "Provide the BScore folder's model.json (bscore_vector, mean_healthy, "
+                    "std_healthy)."):
         with open(model_json_path, encoding="utf-8") as fh:
             data = json.load(fh)
         vector = np.asarray(data["bscore_vector"], dtype=np.float64).reshape(-1)
         return vector, float(data["mean_healthy"]), float(data["std_healthy"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PipelineError(
-            ErrorCode.MODEL_UNAVAILABLE,
-            f"cannot read BScore model {model_json_path}: {exc}. Provide the BScore folder's "
-            "model.json (bscore_vector, mean_healthy, std_healthy).",
-        ) from exc
 
 
 def bscore(model_json_path: str | Path, latent) -> float:

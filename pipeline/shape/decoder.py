@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import ErrorCode, PipelineError
+from pipeline.errors import FILE_ERRORS, ErrorCode, refused_on
 
 # Config keys the decoder is built from (spec a); a missing one is an error.
 DECODER_KEYS: tuple[str, ...] = (
@@ -309,28 +309,21 @@ def load_decoder(
     Returns the module in eval mode with frozen parameters. Any problem with the files raises
     ``PipelineError(MODEL_UNAVAILABLE)``.
     """
-    try:
+    with refused_on(FILE_ERRORS, ErrorCode.MODEL_UNAVAILABLE,
+                    f"cannot build the shape model from {config_json_path}",
+                    "Re-download the model folder or point to a valid model_config JSON."):
         config = load_config(config_json_path)
         model = TriplanarDecoder.from_config(config)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PipelineError(
-            ErrorCode.MODEL_UNAVAILABLE,
-            f"cannot build the shape model from {config_json_path}: {exc}. "
-            "Re-download the model folder or point to a valid model_config JSON.",
-        ) from exc
-    try:
+    # Unpickling, shape and key errors all mean "unusable", whatever their type.
+    with refused_on((Exception,), ErrorCode.MODEL_UNAVAILABLE,
+                    f"cannot load shape-model checkpoint {checkpoint_path}",
+                    "The file is incomplete or does not belong to this config; re-download it."):
         ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, Mapping) or "model" not in ckpt:
             raise ValueError("checkpoint is not a dict with a 'model' state dict")
         state = ckpt["model"]
         _check_aliases(state)
         model.load_state_dict(state, strict=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling/shape/key errors all mean "unusable"
-        raise PipelineError(
-            ErrorCode.MODEL_UNAVAILABLE,
-            f"cannot load shape-model checkpoint {checkpoint_path}: {exc}. "
-            "The file is incomplete or does not belong to this config; re-download it.",
-        ) from exc
     model.requires_grad_(False)
     return model.to(device).eval()
 

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import ErrorCode, PipelineError
+from pipeline.errors import ErrorCode, PipelineError, refused_on
+from pipeline.geometry import Side
 from pipeline.shape.decoder import TriplanarDecoder
 from pipeline.shape.mesh import (
     FIT_PTS_PER_AXIS,
@@ -29,7 +30,7 @@ from pipeline.shape.mesh import (
     extract_meshes,
     signed_distance,
 )
-from pipeline.shape.prepare import Side, clip_femur_top, mirror_left_to_right
+from pipeline.shape.prepare import clip_femur_top, mirror_left_to_right
 from pipeline.shape.register import similarity_icp
 
 Progress = Callable[[int, int], None]
@@ -59,33 +60,28 @@ class ReconSettings:
     def from_config(cls, config: Mapping[str, Any],
                     overrides: Mapping[str, Any] | None = None) -> ReconSettings:
         cfg = {**config, **(overrides or {})}
-        try:
-            if cfg.get("fix_mesh_recon", False):
-                raise ValueError("fix_mesh_recon=true is not supported")
-            if cfg.get("scale_jointly", False):
-                raise ValueError("scale_jointly=true is not supported")
+        with refused_on((KeyError, ValueError, TypeError), ErrorCode.MODEL_UNAVAILABLE,
+                        "shape-model config has unusable fitting settings",
+                        "Use the model_config JSON shipped with the checkpoint."):
+            for key in ("fix_mesh_recon", "scale_jointly"):
+                if cfg.get(key, False):
+                    raise ValueError(f"{key}=true is not supported")
             if cfg.get("scale_method", "max_rad") != "max_rad":
                 raise ValueError(f"scale_method {cfg['scale_method']!r} is not supported")
-            return cls(
-                num_iterations=int(cfg["num_iterations_recon"]),
-                lr=float(cfg["lr_recon"]),
-                lr_update_factor=float(cfg["lr_update_factor_recon"]),
-                n_lr_updates=int(cfg["n_lr_updates_recon"]),
-                l2reg=float(cfg["l2reg_recon"]),
-                clamp_dist=float(cfg["clamp_dist_recon"]),
-                convergence_type=str(cfg["convergence_type_recon"]),
-                convergence_patience=int(cfg["convergence_patience_recon"]),
-                n_samples=int(cfg["n_samples_latent_recon"]),
-                get_rand_pts=bool(cfg["get_rand_pts_recon"]),
-                n_pts_random=int(cfg["n_pts_random_recon"]),
-                sigma_rand_pts=float(cfg["sigma_rand_pts_recon"]),
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise PipelineError(
-                ErrorCode.MODEL_UNAVAILABLE,
-                f"shape-model config has unusable fitting settings: {exc}. "
-                "Use the model_config JSON shipped with the checkpoint.",
-            ) from exc
+            return cls(**{name: convert(cfg[f"{key}_recon"])
+                          for name, (key, convert) in _RECON_KEYS.items()})
+
+
+# ReconSettings field -> (config key without "_recon", type).
+_RECON_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "num_iterations": ("num_iterations", int), "lr": ("lr", float),
+    "lr_update_factor": ("lr_update_factor", float), "n_lr_updates": ("n_lr_updates", int),
+    "l2reg": ("l2reg", float), "clamp_dist": ("clamp_dist", float),
+    "convergence_type": ("convergence_type", str),
+    "convergence_patience": ("convergence_patience", int),
+    "n_samples": ("n_samples_latent", int), "get_rand_pts": ("get_rand_pts", bool),
+    "n_pts_random": ("n_pts_random", int), "sigma_rand_pts": ("sigma_rand_pts", float),
+}
 
 
 @dataclass

@@ -6,41 +6,8 @@ as the reference template does (``clip_femur_top: true``), quirks included.
 
 from __future__ import annotations
 
-from typing import Literal
-
-import numpy as np
-
 from pipeline.errors import ErrorCode, PipelineError
-from pipeline.labels import LAT_TIB_CART, MED_TIB_CART
 from pipeline.shape.mesh import TriMesh
-
-Side = Literal["right", "left"]
-
-
-def detect_knee_side(seg: np.ndarray, direction: np.ndarray | tuple[float, ...]) -> Side:
-    """Knee side from a label array indexed [k, j, i] (SimpleITK order) and its direction.
-
-    Mean voxel index of medial vs lateral tibial cartilage, reversed to (i, j, k) and rotated by
-    the direction cosines (no spacing/origin): medial x > lateral x means a right knee (LPS x
-    points to the patient's left).
-    """
-    dmat = np.asarray(direction, dtype=np.float64).reshape(3, 3)
-    xs = []
-    for label in (MED_TIB_CART, LAT_TIB_CART):
-        idx = np.argwhere(seg == label)
-        if len(idx) == 0:
-            raise PipelineError(
-                ErrorCode.INVALID_LABELS,
-                f"label {label} (tibial cartilage) is absent, so the knee side cannot be told; "
-                "check the segmentation.",
-            )
-        xs.append((dmat @ idx.mean(axis=0)[::-1])[0])
-    if xs[0] == xs[1]:
-        raise PipelineError(
-            ErrorCode.INVALID_LABELS,
-            "medial and lateral tibial cartilage have the same mean x; knee side is undefined.",
-        )
-    return "right" if xs[0] > xs[1] else "left"
 
 
 def mirror_x(mesh: TriMesh, cx: float) -> TriMesh:

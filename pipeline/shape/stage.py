@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 
 from ..errors import PipelineError
+from ..geometry import Side, knee_side
 from ..stage import StageResult
 from .bscore import bscore
 from .decoder import load_config, load_decoder
@@ -28,7 +28,6 @@ from .fit import FitResult, Progress, fit_nsm
 from .mesh import MeshLike
 from .models import ModelPaths, locate_model
 from .outputs import write_nsm_outputs
-from .prepare import Side, detect_knee_side
 
 METRIC_PREFIX = {"bone_cartilage": "nsm", "bone_only": "nsm_bone_only"}
 
@@ -60,7 +59,7 @@ def stage(
         return out
     fit = fit_variant if accelerate is None else accelerate("shape_fit", fit_variant)
     cart = _fixed_cartilage(femur)
-    side = detect_knee_side(sitk.GetArrayViewFromImage(sub_c), np.array(sub_c.GetDirection()))
+    side = knee_side(sub_c)
     for variant in variants:
         prefix = METRIC_PREFIX[variant]
         try:

@@ -197,21 +197,22 @@ def _describe_echo_values(datasets: Sequence[Dataset]) -> str:
 
 
 def _orientation(ds: Dataset) -> np.ndarray:
-    iop = ds.get("ImageOrientationPatient")
-    if iop is None or len(iop) != 6:
-        raise PipelineError(ErrorCode.INVALID_FORMAT,
-                            "a slice lacks ImageOrientationPatient (0020,0037); "
+    return _geometry_vector(ds, "ImageOrientationPatient", "(0020,0037)",
                             "the series geometry cannot be built")
-    return np.array([float(v) for v in iop], dtype=np.float64)
 
 
 def _position(ds: Dataset) -> np.ndarray:
-    ipp = ds.get("ImagePositionPatient")
-    if ipp is None or len(ipp) != 3:
-        raise PipelineError(ErrorCode.INVALID_FORMAT,
-                            "a slice lacks ImagePositionPatient (0020,0032); "
+    return _geometry_vector(ds, "ImagePositionPatient", "(0020,0032)",
                             "the slices cannot be ordered")
-    return np.array([float(v) for v in ipp], dtype=np.float64)
+
+
+def _geometry_vector(ds: Dataset, keyword: str, tag: str, consequence: str) -> np.ndarray:
+    value = ds.get(keyword)
+    size = 6 if keyword == "ImageOrientationPatient" else 3
+    if value is None or len(value) != size:
+        raise PipelineError(ErrorCode.INVALID_FORMAT,
+                            f"a slice lacks {keyword} {tag}; {consequence}")
+    return np.array([float(v) for v in value], dtype=np.float64)
 
 
 def _axes(iop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

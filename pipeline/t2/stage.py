@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .. import inputs
+from .. import geometry
 from .. import labels as L
 from ..stage import StageResult
 from . import mapping
@@ -31,7 +31,7 @@ def stage(loaded, seg_c: sitk.Image, sub_c: sitk.Image, bone_results: list, *, e
         mapping.compute_t2_map(e1, e2, loaded.qdess_params).astype(np.float32))
     t2_img.CopyInformation(loaded.image)
     out.files["t2map"] = outputs.write_image(t2_img, "t2map")[0]
-    t2_c = inputs.to_canonical(t2_img)
+    t2_c = geometry.to_canonical(t2_img)
     out.images["t2map"] = t2_c
     clipped = mapping.clip_for_stats(sitk.GetArrayFromImage(t2_c).astype(float))
     sub_arr = sitk.GetArrayFromImage(sub_c)
@@ -42,7 +42,7 @@ def stage(loaded, seg_c: sitk.Image, sub_c: sitk.Image, bone_results: list, *, e
     depth_c = _depth_map(seg_c, sub_c, bone_results)
     out.images["depth"] = depth_c
     out.files["depth_seg"] = outputs.write_image(
-        inputs.from_canonical(depth_c, loaded.image), "depth_seg", exts=(".nrrd",))[0]
+        geometry.from_canonical(depth_c, loaded.image), "depth_seg", exts=(".nrrd",))[0]
     depth_arr = sitk.GetArrayFromImage(depth_c).astype(np.int32)
     fem_depth = depth_arr.copy()
     for layer in (mapping.DEEP_OFFSET, mapping.SUPERFICIAL_OFFSET):

@@ -1,7 +1,7 @@
 """2-D slice rendering for the app's viewer: MRI + label (or T2) overlay as an RGB array.
 
 Volumes are canonical arrays (numpy axis 0 = M/L toward the patient's right, 1 = S→I,
-2 = A→P; ``inputs.to_canonical``). Display conventions: sagittal with anterior left and
+2 = A→P; ``geometry.to_canonical``). Display conventions: sagittal with anterior left and
 superior up; coronal seen from the front and axial seen from the feet, both radiological
 (patient's right on the viewer's left; axial with anterior up). Pixels are resampled to
 square millimetres so anisotropic voxels do not squash the anatomy.

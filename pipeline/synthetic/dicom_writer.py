@@ -28,11 +28,27 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 from pipeline.errors import ErrorCode, PipelineError
+from pipeline.inputs import check_same_grid
 from pipeline.t2.mapping import QDessParams
 from pipeline.t2.qdess import GE_CREATOR, GE_GROUP, GL_AREA_OFFSET, TG_OFFSET
 
 GE_MANUFACTURER = "GE MEDICAL SYSTEMS"
 _UINT16_MAX = 65535
+
+
+@dataclass(frozen=True)
+class SeriesIdentity:
+    """Who and which series the written files say they are: anonymous, with fresh UIDs, unless
+    given."""
+
+    series_description: str = "Exported volume"
+    patient_name: str = "ANONYMOUS"
+    patient_id: str = "ANONYMOUS"
+    patient_birth_date: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    frame_of_reference_uid: str | None = None
+    series_number: int = 1
 
 
 @dataclass
@@ -229,20 +245,17 @@ def _write(volumes: Sequence[_Volume], geometry: tuple[np.ndarray, np.ndarray, n
     return paths
 
 
-def _series_info(series_description: str, patient_name: str, patient_id: str,
-                 patient_birth_date: str | None, study_instance_uid: str | None,
-                 series_instance_uid: str | None, frame_of_reference_uid: str | None,
-                 series_number: int, manufacturer: str, implicit_vr: bool,
+def _series_info(identity: SeriesIdentity, manufacturer: str, implicit_vr: bool,
                  image_type: Sequence[str], extra: dict[str, object] | None) -> _SeriesInfo:
     return _SeriesInfo(
-        series_description=series_description,
-        patient_name=patient_name,
-        patient_id=patient_id,
-        patient_birth_date=patient_birth_date or "",
-        study_uid=study_instance_uid or generate_uid(),
-        series_uid=series_instance_uid or generate_uid(),
-        frame_uid=frame_of_reference_uid or generate_uid(),
-        series_number=series_number,
+        series_description=identity.series_description,
+        patient_name=identity.patient_name,
+        patient_id=identity.patient_id,
+        patient_birth_date=identity.patient_birth_date or "",
+        study_uid=identity.study_instance_uid or generate_uid(),
+        series_uid=identity.series_instance_uid or generate_uid(),
+        frame_uid=identity.frame_of_reference_uid or generate_uid(),
+        series_number=identity.series_number,
         manufacturer=manufacturer,
         implicit_vr=implicit_vr,
         image_type=tuple(image_type),
@@ -253,15 +266,8 @@ def _series_info(series_description: str, patient_name: str, patient_id: str,
 def write_dicom_series(
     image: sitk.Image,
     out_dir: str | Path,
+    identity: SeriesIdentity | None = None,
     *,
-    series_description: str = "Exported volume",
-    patient_name: str = "ANONYMOUS",
-    patient_id: str = "ANONYMOUS",
-    patient_birth_date: str | None = None,
-    study_instance_uid: str | None = None,
-    series_instance_uid: str | None = None,
-    frame_of_reference_uid: str | None = None,
-    series_number: int = 1,
     manufacturer: str = "",
     echo_time_ms: float | None = None,
     echo_number: int | None = None,
@@ -277,25 +283,18 @@ def write_dicom_series(
 
     Pixels are stored as uint16: non-negative integer volumes ≤ 65535 exactly, anything else
     through RescaleSlope/RescaleIntercept (read back as stored*slope + intercept). UIDs are
-    fresh per call unless given. ``extra`` sets further elements by keyword.
+    fresh per call unless given in ``identity`` (default: anonymous). ``extra`` sets further
+    elements by keyword.
     """
     geometry = _geometry(image)
     array = sitk.GetArrayFromImage(image).astype(np.float64)
     (stored,), slope, intercept = _to_uint16([array])
-    info = _series_info(series_description, patient_name, patient_id, patient_birth_date,
-                        study_instance_uid, series_instance_uid, frame_of_reference_uid,
-                        series_number, manufacturer, implicit_vr, image_type, extra)
+    info = _series_info(identity or SeriesIdentity(), manufacturer, implicit_vr, image_type,
+                        extra)
     echo = _EchoInfo(echo_time_ms=echo_time_ms, echo_number=echo_number,
                      repetition_time_ms=repetition_time_ms, flip_angle_deg=flip_angle_deg)
     return _write([_Volume(stored, echo)], geometry, info, out_dir, (slope, intercept),
                   extension, slice_thickness_mm)
-
-
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-6)
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-9)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-9))
 
 
 def write_qdess_series(
@@ -303,6 +302,7 @@ def write_qdess_series(
     echo2: sitk.Image,
     out_dir: str | Path,
     params: QDessParams,
+    identity: SeriesIdentity | None = None,
     *,
     include_private_tags: bool = True,
     include_private_creator: bool = True,
@@ -311,14 +311,6 @@ def write_qdess_series(
     echo2_te_ms: float | None = None,
     write_echo_times: bool = True,
     write_echo_numbers: bool = True,
-    series_description: str = "Sag qDESS",
-    patient_name: str = "ANONYMOUS",
-    patient_id: str = "ANONYMOUS",
-    patient_birth_date: str | None = None,
-    study_instance_uid: str | None = None,
-    series_instance_uid: str | None = None,
-    frame_of_reference_uid: str | None = None,
-    series_number: int = 1,
     slice_thickness_mm: float | None = None,
 ) -> list[Path]:
     """Write two echoes as one GE-style qDESS series (instances interleaved e1, e2, …).
@@ -328,9 +320,7 @@ def write_qdess_series(
     GEMS_ACQU_01; ``include_private_creator=False`` drops the creator (UN bytes when read
     from an implicit-VR file), ``include_private_tags=False`` drops all three.
     """
-    if not _same_grid(echo1, echo2):
-        raise PipelineError(ErrorCode.INVALID_DIMENSIONS,
-                            "the two echoes must share size, origin, spacing and direction")
+    check_same_grid(echo2, echo1, "echo 2", code=ErrorCode.INVALID_DIMENSIONS)
     geometry = _geometry(echo1)
     arrays = [sitk.GetArrayFromImage(img).astype(np.float64) for img in (echo1, echo2)]
     stored, slope, intercept = _to_uint16(arrays)
@@ -349,10 +339,9 @@ def write_qdess_series(
             private_creator=include_private_creator,
         ))
     extra = {"ScanningSequence": "GR", "SequenceVariant": "SS", "MRAcquisitionType": "3D"}
-    info = _series_info(series_description, patient_name, patient_id, patient_birth_date,
-                        study_instance_uid, series_instance_uid, frame_of_reference_uid,
-                        series_number, GE_MANUFACTURER, implicit_vr,
-                        ("ORIGINAL", "PRIMARY", "OTHER"), extra)
+    identity = identity or SeriesIdentity(series_description="Sag qDESS")
+    info = _series_info(identity, GE_MANUFACTURER, implicit_vr, ("ORIGINAL", "PRIMARY", "OTHER"),
+                        extra)
     volumes = [_Volume(s, e) for s, e in zip(stored, echoes, strict=True)]
     return _write(volumes, geometry, info, out_dir, (slope, intercept), extension,
                   slice_thickness_mm)

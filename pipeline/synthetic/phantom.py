@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import labels as L
+from .. import labels as L
 
 # Geometry constants (mm). Chosen so that every joint space is >= 1 mm and every cartilage
 # footprint lies on a face of its bone primitive (thickness along the normal stays exact).
@@ -422,7 +422,7 @@ def generate(spec: PhantomSpec | None = None, *, qdess: bool = False, qdess_para
         image = np.round(_rician(pd, sigma, rng))
         return Phantom(labels_img, _as_image(np.clip(image, 0, 32767), grid), spec)
 
-    from .t2 import QDessParams  # T2 model lives with the T2 stage
+    from ..t2 import QDessParams  # T2 model lives with the T2 stage
 
     params = qdess_params or QDessParams(
         tr_ms=20.36, te_ms=6.428, flip_angle_deg=20.0, gl_area=3132.0, tg_us=2392.0
@@ -446,7 +446,7 @@ def generate(spec: PhantomSpec | None = None, *, qdess: bool = False, qdess_para
 
 def qdess_echo_ratio(t2_ms: float, params) -> float:
     """Echo2/echo1 ratio that the DOSMA-equivalent model maps to ``t2_ms`` (bisection)."""
-    from .t2 import compute_t2_map
+    from ..t2 import compute_t2_map
 
     def t2_of(r: float) -> float:
         out = compute_t2_map(
@@ -496,18 +496,20 @@ def write_phantom(
 
         series_dir = out / f"{stem}_dicom"
         if phantom.echo1 is not None:
-            from .t2 import QDessParams
+            from ..t2 import QDessParams
 
             params = QDessParams(
                 tr_ms=20.36, te_ms=6.428, flip_angle_deg=20.0, gl_area=3132.0, tg_us=2392.0
             )
             dicom_writer.write_qdess_series(
-                phantom.echo1, phantom.echo2, series_dir, params, include_private_tags=qdess_tags,
-                **PHANTOM_PATIENT,
+                phantom.echo1, phantom.echo2, series_dir, params,
+                dicom_writer.SeriesIdentity("Sag qDESS", **PHANTOM_PATIENT),
+                include_private_tags=qdess_tags,
             )
         else:
             dicom_writer.write_dicom_series(
-                phantom.image, series_dir, series_description="Knee phantom", **PHANTOM_PATIENT
+                phantom.image, series_dir,
+                dicom_writer.SeriesIdentity("Knee phantom", **PHANTOM_PATIENT),
             )
         paths["image"] = series_dir
     elif fmt in ("nii.gz", "nii", "nrrd", "mha"):
