@@ -182,7 +182,8 @@ class AnalysisService:
             out_dir.mkdir()
             tmp_dir.mkdir()
             jobs.sweep_result_dirs(self.settings.gradio_temp_dir, self.settings.result_ttl_s)
-            spec = JobSpec(req.image, req.segmentation, str(out_dir), str(tmp_dir), req.options)
+            spec = JobSpec(req.image, req.segmentation, str(out_dir), str(tmp_dir), req.options,
+                           keep_images=req.page)
 
             def step(event: Step) -> None:
                 on_step(f"[{event.index}/{event.total}] {event.name}", event.fraction)
@@ -201,12 +202,10 @@ class AnalysisService:
             zip_path = jobs.publish_result(result.zip_path, self.settings.gradio_temp_dir)
             vis = None
             if req.page:
-                # Before the folder goes and before the upload is released (the slice viewer
-                # reads it into memory); pictures and GLBs move next to the zip.
-                vis = visuals.collect(
-                    out_dir, result.provenance.get("input", {}).get("stem") or "", req.image,
-                    zip_path.parent, max_bytes=int(self.settings.max_upload_mb * 1024**2),
-                    max_voxels=self.settings.viewer_max_voxels)
+                # Before the folder goes: pictures and GLBs move next to the zip; the slice
+                # viewer's arrays come from the result's images.
+                vis = visuals.collect(result, zip_path.parent,
+                                      max_voxels=self.settings.viewer_max_voxels)
                 self.published.update(os.fspath(p) for p in zip_path.parent.iterdir())
                 self.last_visual_seconds = vis.seconds
                 log.info("viewers prepared in %.2f s %s", vis.seconds, vis.timings)

@@ -16,15 +16,13 @@ import base64
 import html
 import io
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from pipeline import geometry, inputs, viz
+from pipeline import geometry, viz
 from pipeline import labels as L
 from pipeline.viz.colors import colormap_rgba
 
@@ -115,10 +113,6 @@ def _windowed_uint8(view: np.ndarray, window: tuple[float, float], chunk: int = 
     return out
 
 
-def _read_canonical(path: str | os.PathLike) -> np.ndarray:
-    return sitk.GetArrayFromImage(geometry.to_canonical(sitk.ReadImage(os.fspath(path))))
-
-
 def t2_codes(t2_ms: np.ndarray) -> np.ndarray:
     """uint8 codes of a T2 map: 0 where not finite or ≤ 0, else 1–255 over the overlay range."""
     lo, hi = viz.T2_RANGE_MS
@@ -152,52 +146,50 @@ def _default_indices(labels: np.ndarray | None, shape: tuple[int, ...]) -> dict[
     return out
 
 
-def load_volumes(
-    image_path: str | os.PathLike,
-    labels_path: str | os.PathLike | None = None,
-    t2_path: str | os.PathLike | None = None,
+def volumes_from_images(
+    image: sitk.Image,
+    labels: sitk.Image | None = None,
+    t2: sitk.Image | None = None,
     *,
-    max_bytes: int = inputs.DEFAULT_MAX_BYTES,
     max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> SliceVolumes:
-    """Read the upload (as the pipeline does) and the job's label/T2 files into memory.
+    """The viewer's arrays from a job's images (``Result.images``: the input, its subregion
+    label map and T2 map, all on the input's grid), canonical and subsampled to ``max_voxels``.
 
     Labels or a T2 map on another grid than the image are left out (logged), never fatal.
     """
-    loaded = inputs.load_image(image_path, max_bytes=max_bytes)
-    image_c = geometry.to_canonical(loaded.image)
-    del loaded
+    image_c = geometry.to_canonical(image)
     window = viz.window_levels(image_c)
     spacing = tuple(float(s) for s in image_c.GetSpacing())[::-1]
     view = sitk.GetArrayViewFromImage(image_c)
     stride = subsample_strides(view.shape, spacing, max_voxels)
     pick = tuple(slice(None, None, s) for s in stride)
-    image = _windowed_uint8(view[pick], window)
+    grey = _windowed_uint8(view[pick], window)
     full_shape = view.shape
     del view, image_c
 
-    def same_grid(path: str | os.PathLike | None, what: str) -> np.ndarray | None:
-        if path is None or not Path(path).is_file():
+    def same_grid(other: sitk.Image | None, what: str) -> np.ndarray | None:
+        if other is None:
             return None
-        arr = _read_canonical(path)
+        arr = sitk.GetArrayFromImage(geometry.to_canonical(other))
         if arr.shape != full_shape:
             log.warning("slice viewer: %s grid %s differs from the image %s; not shown",
                         what, arr.shape, full_shape)
             return None
         return arr[pick]
 
-    labels = same_grid(labels_path, "label")
-    if labels is not None:
-        labels = np.ascontiguousarray(labels, dtype=np.uint8)
-    t2 = same_grid(t2_path, "T2")
-    if t2 is not None:
-        t2 = t2_codes(t2)
+    label_arr = same_grid(labels, "label")
+    if label_arr is not None:
+        label_arr = np.ascontiguousarray(label_arr, dtype=np.uint8)
+    t2_arr = same_grid(t2, "T2")
+    if t2_arr is not None:
+        t2_arr = t2_codes(t2_arr)
     return SliceVolumes(
-        image=image, labels=labels, t2=t2,
+        image=grey, labels=label_arr, t2=t2_arr,
         spacing=tuple(sp * st for sp, st in zip(spacing, stride, strict=True)),
         stride=stride,
-        legend=tuple(viz.label_legend(labels)) if labels is not None else (),
-        default_index=_default_indices(labels, image.shape),
+        legend=tuple(viz.label_legend(label_arr)) if label_arr is not None else (),
+        default_index=_default_indices(label_arr, grey.shape),
     )
 
 

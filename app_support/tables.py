@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 
 import pandas as pd
@@ -12,13 +11,9 @@ from pipeline import labels as L
 
 DECIMALS = 3
 THICKNESS_COLUMNS = ["region", "mean_mm", "std_mm", "median_mm", "volume_mm3"]
-T2_LAYERS = ("all", "deep", "superficial")
-T2_STATS = ("mean", "std", "median")
 SHAPE_COLUMNS = ["metric", "value"]
-_T2_KEY = re.compile(
-    r"^(?P<region>.+?)(?:_(?P<layer>deep|superficial))?_t2_ms_(?P<stat>mean|std|median)$"
-)
-_SHAPE_KEY = re.compile(r"(bscore|assd|^nsm_)", re.IGNORECASE)
+# Every shape-model column the pipeline can write (labels.shape_keys of each variant).
+_SHAPE_KEYS = {key for prefix in L.SHAPE_PREFIXES.values() for key in L.shape_keys(prefix)}
 
 
 def metrics_dict(metrics: pd.DataFrame | Mapping) -> dict:
@@ -41,8 +36,8 @@ def thickness_table(metrics: pd.DataFrame | Mapping) -> pd.DataFrame:
     """Region × (mean, std, median thickness in mm, volume in mm³), regions in output order."""
     m = metrics_dict(metrics)
     rows = [
-        [key, _num(m.get(f"{key}_mm_mean")), _num(m.get(f"{key}_mm_std")),
-         _num(m.get(f"{key}_mm_median")), _num(m.get(f"{key}_volume_mm3"))]
+        [key, *(_num(m.get(L.thickness_key(key, stat))) for stat in L.STATS),
+         _num(m.get(L.volume_key(key)))]
         for key in L.REGION_KEYS.values()
     ]
     return pd.DataFrame(rows, columns=THICKNESS_COLUMNS)
@@ -55,28 +50,22 @@ def t2_table(metrics: pd.DataFrame | Mapping) -> pd.DataFrame:
     three columns rather than six empty ones.
     """
     m = metrics_dict(metrics)
-    found: dict[str, dict[str, float | None]] = {}
-    layers: set[str] = set()
-    for key, value in m.items():
-        hit = _T2_KEY.match(str(key))
-        if not hit:
-            continue
-        layer = hit["layer"] or "all"
-        layers.add(layer)
-        found.setdefault(hit["region"], {})[f"{layer}_{hit['stat']}_ms"] = _num(value)
-    columns = ["region"] + [
-        f"{layer}_{stat}_ms" for layer in T2_LAYERS if layer in layers for stat in T2_STATS
-    ]
-    order = list(L.T2_REGION_KEYS.values())
-    regions = [r for r in order if r in found] + sorted(r for r in found if r not in order)
-    rows = [[r] + [found[r].get(c) for c in columns[1:]] for r in regions]
+    def present(region: str, layer: str) -> bool:
+        return any(L.t2_key(region, stat, layer) in m for stat in L.STATS)
+
+    layers = [layer for layer in L.T2_LAYERS
+              if any(present(r, layer) for r in L.T2_REGION_KEYS.values())]
+    regions = [r for r in L.T2_REGION_KEYS.values() if any(present(r, ly) for ly in layers)]
+    columns = ["region"] + [f"{layer}_{stat}_ms" for layer in layers for stat in L.STATS]
+    rows = [[r] + [_num(m.get(L.t2_key(r, stat, layer))) for layer in layers for stat in L.STATS]
+            for r in regions]
     return pd.DataFrame(rows, columns=columns)
 
 
 def shape_table(metrics: pd.DataFrame | Mapping) -> pd.DataFrame:
     """Shape-model results (BScore, fit distances) as metric/value rows; empty if none."""
     m = metrics_dict(metrics)
-    rows = [[str(k), _num(v)] for k, v in m.items() if _SHAPE_KEY.search(str(k))]
+    rows = [[str(k), _num(v)] for k, v in m.items() if k in _SHAPE_KEYS]
     return pd.DataFrame(rows, columns=SHAPE_COLUMNS)
 
 

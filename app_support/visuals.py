@@ -1,10 +1,12 @@
 """What the page shows besides the tables: 3-D models, the thickness map, the QC summary and the
-slice viewer's volumes, all taken from files the job already wrote (no second pipeline run).
+slice viewer's volumes, all taken from the job's ``Result`` (no second pipeline run, no file
+read back, the upload not loaded again).
 
-``collect`` runs inside the job, before its folder is deleted and before the upload is
-released: it moves the pictures and GLBs next to the published zip (derived data, expiring
-with it), converts NSM reconstructions to GLB, reads the QC JSON, and loads the slice viewer's
-arrays into memory (``slices.load_volumes``). A failing part is a note, never a failed job.
+``collect`` runs inside the job, before its folder is deleted: it moves the pictures and GLBs
+the result names (``Result.artifacts``) next to the published zip (derived data, expiring with
+it), converts the NSM reconstructions to GLB in the knee's frame (``Result.view_frame``), takes
+the QC summary (``Result.qc``) and makes the slice viewer's arrays from the result's images
+(``slices.volumes_from_images``). A failing part is a note, never a failed job.
 """
 
 from __future__ import annotations
@@ -24,25 +26,25 @@ import numpy as np
 import pandas as pd
 
 from pipeline import viz
+from pipeline.run import Result
 
-from .slices import SliceVolumes, load_volumes
+from .slices import SliceVolumes, volumes_from_images
 
 log = logging.getLogger(__name__)
 
-# 3-D choices, in the order offered: (file published next to the zip, radio label).
-MODEL_FILES: list[tuple[str, str]] = [
-    (viz.KNEE_GLB, "whole knee"),
-    (viz.GLB_NAMES["femur"], "femur"),
-    (viz.GLB_NAMES["tibia"], "tibia"),
-    (viz.GLB_NAMES["patella"], "patella"),
-    ("nsm_femur.glb", "NSM reconstruction (femur)"),
-    ("nsm_bone_only_femur.glb", "NSM reconstruction (femur, bone-only model)"),
+# 3-D choices, in the order offered: (result artifact role, file published next to the zip,
+# radio label).
+MODEL_FILES: list[tuple[str, str, str]] = [
+    ("knee_glb", viz.KNEE_GLB, "whole knee"),
+    ("femur_glb", viz.GLB_NAMES["femur"], "femur"),
+    ("tibia_glb", viz.GLB_NAMES["tibia"], "tibia"),
+    ("patella_glb", viz.GLB_NAMES["patella"], "patella"),
+    # NSM reconstructions (shape-stage roles ``{metric prefix}_bone``), converted to GLB.
+    ("nsm_bone", "nsm_femur.glb", "NSM reconstruction (femur)"),
+    ("nsm_bone_only_bone", "nsm_bone_only_femur.glb",
+     "NSM reconstruction (femur, bone-only model)"),
 ]
-# NSM reconstructions written by the shape stage → the GLB each becomes.
-NSM_SOURCES: dict[str, str] = {
-    "NSM_recon_femur_mesh_NSM_orig.vtk": "nsm_femur.glb",
-    "NSM_bone_only_recon_femur_mesh_NSM_orig.vtk": "nsm_bone_only_femur.glb",
-}
+_THICKNESS_GLBS = 4  # the first MODEL_FILES are published as written; the rest converted
 QC_COLUMNS = ["label", "structure", "volume_mm3", "components", "largest_component_%"]
 
 
@@ -53,26 +55,20 @@ class JobVisuals:
     models: list[Path] = field(default_factory=list)  # published GLBs, in MODEL_FILES order
     legend: Path | None = None  # thickness colour legend (PNG)
     thickness_map: Path | None = None  # flattened thickness map (PNG)
-    qc: dict[str, Any] | None = None  # {stem}_qc.json
+    qc: dict[str, Any] | None = None  # the segmentation QC summary
     volumes: SliceVolumes | None = None  # in memory only
     seconds: float = 0.0  # time collect() took
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
-def _gltf_json(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON chunk of a binary glTF file."""
-    with open(path, "rb") as fh:
-        head = fh.read(20)
-        (length,) = struct.unpack_from("<I", head, 12)
-        return json.loads(fh.read(length))
-
-
 def glb_radius(path: str | os.PathLike) -> float | None:
     """Half the diagonal of the bounding box of every mesh in a GLB (its ``POSITION`` bounds,
     in the file's units); None when the file records none."""
     try:
-        gltf = _gltf_json(path)
+        with open(path, "rb") as fh:  # the JSON chunk of a binary glTF file
+            (length,) = struct.unpack_from("<I", fh.read(20), 12)
+            gltf = json.loads(fh.read(length))
         boxes = [gltf["accessors"][p["attributes"]["POSITION"]]
                  for m in gltf.get("meshes", []) for p in m.get("primitives", [])]
         lo = np.min([b["min"] for b in boxes], axis=0)
@@ -82,29 +78,13 @@ def glb_radius(path: str | os.PathLike) -> float | None:
     return float(np.linalg.norm(hi - lo) / 2)
 
 
-def knee_frame_from_glb(path: str | os.PathLike) -> viz.ViewFrame | None:
-    """The viewer frame recorded in a thickness GLB's ``extras`` (None if absent)."""
-    for mesh in _gltf_json(path).get("meshes", []):
-        frame = (mesh.get("extras") or {}).get("frame")
-        if frame:
-            return viz.ViewFrame(np.asarray(frame["centre_lps_mm"], dtype=float),
-                                 np.asarray(frame["rotation"], dtype=float))
-    return None
-
-
-def collect(
-    out_dir: str | os.PathLike,
-    stem: str,
-    image_path: str | os.PathLike | None,
-    dest_dir: str | os.PathLike,
-    *,
-    max_bytes: int,
-    max_voxels: int,
-) -> JobVisuals:
+def collect(result: Result, dest_dir: str | os.PathLike, *, max_voxels: int,
+            slices: bool = True) -> JobVisuals:
     """Gather the job's visual outputs (see the module docstring); ``dest_dir`` is where the
-    zip was published. ``image_path`` None: no slice viewer."""
+    zip was published. ``slices`` False: no slice viewer."""
     t0 = time.perf_counter()
-    out, dest = Path(out_dir), Path(dest_dir)
+    dest = Path(dest_dir)
+    art = result.artifacts
     vis = JobVisuals()
 
     def attempt(key: str, fn: Callable[[], None]) -> None:
@@ -117,48 +97,41 @@ def collect(
         finally:
             vis.timings[key] = round(time.perf_counter() - start, 3)
 
-    def publish(name: str) -> Path | None:
-        src = out / name
-        if not src.is_file():
+    def publish(role: str) -> Path | None:
+        src = art.get(role)
+        if src is None or not Path(src).is_file():
             return None
-        return Path(shutil.move(os.fspath(src), dest / name))
+        return Path(shutil.move(os.fspath(src), dest / Path(src).name))
 
     def models() -> None:
-        for name, _ in MODEL_FILES[:4]:
-            if (path := publish(name)) is not None:
+        for role, _, _ in MODEL_FILES[:_THICKNESS_GLBS]:
+            if (path := publish(role)) is not None:
                 vis.models.append(path)
 
     def nsm() -> None:
-        sources = [(out / src, dest / glb) for src, glb in NSM_SOURCES.items()
-                   if (out / src).is_file()]
-        if not sources:
-            return
-        knee = dest / viz.KNEE_GLB
-        frame = knee_frame_from_glb(knee) if knee.is_file() else None
-        for src, glb in sources:
-            vis.models.append(Path(viz.export_nsm_glb(src, glb, frame=frame)))
+        for role, glb, _ in MODEL_FILES[_THICKNESS_GLBS:]:
+            if role in art and Path(art[role]).is_file():
+                vis.models.append(Path(viz.export_nsm_glb(art[role], dest / glb,
+                                                          frame=result.view_frame)))
 
     def pictures() -> None:
-        vis.legend = publish(viz.LEGEND_PNG)
-        vis.thickness_map = publish(f"{stem}_thickness_map.png")
+        vis.legend = publish("legend")
+        vis.thickness_map = publish("thickness_map")
 
     def qc() -> None:
-        path = out / f"{stem}_qc.json"
-        if path.is_file():
-            vis.qc = json.loads(path.read_text())
+        vis.qc = result.qc or None
 
     def volumes() -> None:
-        if image_path is None:
+        if not slices or "image" not in result.images:
             return
-        vis.volumes = load_volumes(
-            image_path, out / f"{stem}_subregions-labels.nii.gz", out / f"{stem}_t2map.nii.gz",
-            max_bytes=max_bytes, max_voxels=max_voxels,
-        )
+        images = result.images
+        vis.volumes = volumes_from_images(images["image"], images.get("subregions-labels"),
+                                          images.get("t2map"), max_voxels=max_voxels)
 
     for key, fn in (("3-D", models), ("NSM 3-D", nsm), ("pictures", pictures), ("QC", qc),
                     ("slices", volumes)):
         attempt(key, fn)
-    order = {name: i for i, (name, _) in enumerate(MODEL_FILES)}
+    order = {name: i for i, (_, name, _) in enumerate(MODEL_FILES)}
     vis.models.sort(key=lambda p: order.get(p.name, len(order)))
     vis.seconds = round(time.perf_counter() - t0, 3)
     return vis
@@ -169,7 +142,7 @@ def collect(
 def model_choices(paths: list[str] | list[Path] | None) -> list[tuple[str, str]]:
     """Radio ``(label, file name)`` pairs for the GLBs present."""
     names = {Path(p).name for p in paths or []}
-    return [(label, name) for name, label in MODEL_FILES if name in names]
+    return [(label, name) for _, name, label in MODEL_FILES if name in names]
 
 
 def pick_model(choice: str | None, paths: list[str] | None) -> str | None:

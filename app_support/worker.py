@@ -53,6 +53,7 @@ class JobSpec:
     out_dir: str
     tmp_dir: str
     options: Any  # pipeline.run.Options
+    keep_images: bool = True  # the result's images come back (the page's slice viewer)
 
 
 def failure_of(exc: BaseException) -> Failure:
@@ -81,8 +82,8 @@ def run_spec(spec: JobSpec, on_step: Callable, accelerate: Callable | None = Non
                      segmenter=segmenter)
     except BaseException as exc:  # everything must reach the caller, or it waits forever
         return failure_of(exc)
-    # The web process serves the files the job wrote; the volumes stay out of the pipe.
-    return dataclasses.replace(result, images={})
+    # Without a page to show them, the volumes stay out of the pipe.
+    return result if spec.keep_images else dataclasses.replace(result, images={})
 
 
 def _serve(conn: Connection) -> None:

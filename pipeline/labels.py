@@ -56,6 +56,33 @@ REGION_KEYS: dict[int, str] = {
 # The nine cartilage labels T2 statistics are reported for (femoral total + subregions).
 T2_REGION_KEYS: dict[int, str] = {FEMORAL_CART: "fem_cart", **REGION_KEYS}
 
+# Metric names (the results table's columns, spelled as the reference pipeline spells them).
+STATS = ("mean", "std", "median")
+T2_LAYERS: dict[str, str] = {"all": "", "deep": "_deep", "superficial": "_superficial"}
+# Shape-model variant -> prefix of its metrics.
+SHAPE_PREFIXES: dict[str, str] = {"bone_cartilage": "nsm", "bone_only": "nsm_bone_only"}
+
+
+def thickness_key(region: str, stat: str) -> str:
+    """``{region}_mm_{stat}``: cartilage thickness statistic of a region (mm)."""
+    return f"{region}_mm_{stat}"
+
+
+def volume_key(region: str) -> str:
+    """``{region}_volume_mm3``: cartilage volume of a region."""
+    return f"{region}_volume_mm3"
+
+
+def t2_key(region: str, stat: str, layer: str = "all") -> str:
+    """``{region}[_deep|_superficial]_t2_ms_{stat}``: T2 statistic of a region (layer)."""
+    return f"{region}{T2_LAYERS[layer]}_t2_ms_{stat}"
+
+
+def shape_keys(prefix: str) -> tuple[str, str, str]:
+    """BScore, bone ASSD and cartilage ASSD columns of one shape-model variant."""
+    return f"{prefix}_bscore", f"{prefix}_assd_bone_mm", f"{prefix}_assd_cartilage_mm"
+
+
 # Display colours (RGB 0-255) for overlays and legends.
 LABEL_COLORS: dict[int, tuple[int, int, int]] = {
     PATELLAR_CART: (255, 165, 0),

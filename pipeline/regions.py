@@ -303,5 +303,6 @@ def stage(seg_c: sitk.Image, input_image: sitk.Image, outputs) -> StageResult:
         sub_c = femoral_subregions(seg_c)
     out.images["subregions"] = sub_c
     for role, image in (("all-labels", seg_c), ("subregions-labels", sub_c)):
-        out.files[role] = outputs.write_image(geometry.from_canonical(image, input_image), role)[0]
+        out.images[role] = geometry.from_canonical(image, input_image)
+        out.files[role] = outputs.write_image(out.images[role], role)[0]
     return out

@@ -97,9 +97,11 @@ class Result:
     """What a job produced.
 
     ``artifacts`` maps a role (``"all-labels"``, ``"subregions-labels"``, ``"t2map"``,
-    ``"femur_mesh"``, ``"knee_glb"``, ``"zip"``, …) to its file; ``images`` holds the canonical
-    label map, subregion map and T2 map (when made) in memory, so a caller can show them without
-    reading back what the job wrote.
+    ``"femur_mesh"``, ``"knee_glb"``, ``"legend"``, ``"nsm_bone"``, ``"zip"``, …) to its file.
+    ``images`` holds, on the input's grid, the input (``"image"``) and the maps written as
+    ``"all-labels"``, ``"subregions-labels"`` and ``"t2map"``; with ``qc`` (the full
+    segmentation QC summary) and ``view_frame`` (the frame of the 3-D files) a caller shows
+    every result without reading back what the job wrote or loading the upload again.
     """
 
     zip_path: Path
@@ -110,8 +112,12 @@ class Result:
     files: list[Path] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)
     images: dict[str, sitk.Image] = field(default_factory=dict)
+    qc: dict = field(default_factory=dict)
+    view_frame: viz.ViewFrame | None = None
 
 
+# The in-memory images a Result carries (input grid), by the role of the file each was written as.
+RESULT_IMAGES = ("image", "all-labels", "subregions-labels", "t2map")
 ProgressFn = Callable[[Step], None]
 # Wraps the accelerator-bound calls: ``accelerate(kind, fn) -> fn`` with kind "segmentation" or
 # "shape_fit" (the app uses it for ZeroGPU's ``spaces.GPU``; everything else runs outside).
@@ -275,9 +281,10 @@ def run(
     provenance["stage_seconds"] = track.seconds  # includes the packaging step itself
     artifacts = {role: path for result in done for role, path in result.files.items()}
     artifacts.update(_mesh_artifacts(bones, out), zip=zip_path)
-    images = {"labels": seg_c, "subregions": sub_c, **t2.images}
+    images = {"image": loaded.image, **subregions.images, **t2.images}
     return Result(zip_path, out, pd.DataFrame([metrics]), warnings, provenance, outputs.files,
-                  artifacts, images)
+                  artifacts, {role: images[role] for role in RESULT_IMAGES if role in images},
+                  quality.info["qc"], visuals.info.get("frame"))
 
 
 def _merged_metrics(done: list[StageResult]) -> dict[str, float]:

@@ -384,12 +384,9 @@ def region_thickness(results: list[BoneResult]) -> dict[str, float]:
     for lab, key in L.REGION_KEYS.items():
         vals = by_label.get(lab, np.array([]))
         vals = vals[np.isfinite(vals)]
-        if vals.size:
-            out[f"{key}_mm_mean"] = float(np.mean(vals))
-            out[f"{key}_mm_std"] = float(np.std(vals))
-            out[f"{key}_mm_median"] = float(np.median(vals))
-        else:
-            out[f"{key}_mm_mean"] = out[f"{key}_mm_std"] = out[f"{key}_mm_median"] = float("nan")
+        values = ((float(np.mean(vals)), float(np.std(vals)), float(np.median(vals)))
+                  if vals.size else (float("nan"),) * 3)
+        out.update({L.thickness_key(key, stat): v for stat, v in zip(L.STATS, values, strict=True)})
     return out
 
 
@@ -398,4 +395,4 @@ def region_volumes(subregions: sitk.Image) -> dict[str, float]:
     arr = sitk.GetArrayViewFromImage(subregions)
     voxel = float(np.prod(subregions.GetSpacing()))
     counts = np.bincount(arr.ravel(), minlength=max(L.REGION_KEYS) + 1)
-    return {f"{key}_volume_mm3": float(counts[lab] * voxel) for lab, key in L.REGION_KEYS.items()}
+    return {L.volume_key(key): float(counts[lab] * voxel) for lab, key in L.REGION_KEYS.items()}

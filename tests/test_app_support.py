@@ -58,8 +58,10 @@ def test_t2_table_layers_and_order() -> None:
 def test_t2_and_shape_tables_empty_without_keys() -> None:
     assert tables.t2_table({"pat_cart_mm_mean": 1.0}).empty
     assert tables.shape_table({"pat_cart_mm_mean": 1.0}).empty
-    shape = tables.shape_table({"Bscore": 1.5, "assd_bone_mm": 0.21, "x": 3})
-    assert shape.values.tolist() == [["Bscore", 1.5], ["assd_bone_mm", 0.21]]
+    shape = tables.shape_table({"nsm_bscore": 1.5, "nsm_assd_bone_mm": 0.21, "x": 3,
+                                "nsm_bone_only_assd_bone_mm": 0.3})
+    assert shape.values.tolist() == [["nsm_bscore", 1.5], ["nsm_assd_bone_mm", 0.21],
+                                     ["nsm_bone_only_assd_bone_mm", 0.3]]
 
 
 def test_warnings_markdown() -> None:
@@ -294,18 +296,22 @@ def test_run_spec_routes_temp_files_and_never_raises(monkeypatch, tmp_path: Path
     from pipeline import run as run_module
 
     seen = {}
+    root_before = tempfile.tempdir
 
-    def fake_run(image, out_dir, options, *, seg_path=None, progress=None, accelerate=None):
-        seen["tmp"] = tempfile.gettempdir()
+    def fake_run(image, out_dir, options, *, seg_path=None, progress=None, accelerate=None,
+                 tmp_dir=None, segmenter=None):
+        seen.update(tmp=tmp_dir, root=tempfile.tempdir, segmenter=segmenter)
         progress(Step("Loading input", 1, 9, 0.0))
         raise PipelineError(ErrorCode.SEG_MISMATCH, "grids differ")
 
     monkeypatch.setattr(run_module, "run", fake_run)
     steps = []
     spec = worker.JobSpec("x.nii.gz", None, str(tmp_path / "out"), str(tmp_path / "t"), None)
-    outcome = worker.run_spec(spec, steps.append)
+    outcome = worker.run_spec(spec, steps.append, segmenter="the worker's")
     assert outcome == worker.Failure("SEG_MISMATCH", "grids differ")
-    assert seen["tmp"] == str(tmp_path / "t") and tempfile.tempdir is None
+    # The job's folder is passed down; the process-wide temp root is never switched.
+    assert seen == {"tmp": str(tmp_path / "t"), "root": root_before, "segmenter": "the worker's"}
+    assert tempfile.tempdir == root_before
     assert [s.name for s in steps] == ["Loading input"]
 
 

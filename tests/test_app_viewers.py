@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import time
 from pathlib import Path
@@ -30,9 +29,13 @@ IMAGE = ROOT / "assets" / "examples" / "knee_phantom.nii.gz"
 SEG = ROOT / "assets" / "examples" / "knee_phantom_seg.nii.gz"
 
 
+def _read(path: Path) -> sitk.Image:
+    return sitk.ReadImage(str(path))
+
+
 @pytest.fixture(scope="module")
 def volumes() -> slices.SliceVolumes:
-    return slices.load_volumes(IMAGE, SEG)
+    return slices.volumes_from_images(_read(IMAGE), _read(SEG))
 
 
 def _png(html: str) -> np.ndarray:
@@ -65,7 +68,7 @@ def test_t2_codes_round_trip_and_clip() -> None:
     assert back[8] == pytest.approx(80.0)  # above the colour range: clipped like the overlay
 
 
-def test_load_volumes_uint8_canonical_with_legend(volumes: slices.SliceVolumes) -> None:
+def test_volumes_uint8_canonical_with_legend(volumes: slices.SliceVolumes) -> None:
     canon = sitk.GetArrayFromImage(geometry.to_canonical(sitk.ReadImage(str(IMAGE))))
     assert volumes.image.dtype == np.uint8 and volumes.image.shape == canon.shape
     assert volumes.labels is not None and volumes.labels.dtype == np.uint8
@@ -84,13 +87,11 @@ def test_load_volumes_uint8_canonical_with_legend(volumes: slices.SliceVolumes) 
 
 
 def test_large_volumes_are_subsampled_and_misfit_labels_dropped(tmp_path: Path) -> None:
-    small = slices.load_volumes(IMAGE, SEG, max_voxels=600_000)
+    small = slices.volumes_from_images(_read(IMAGE), _read(SEG), max_voxels=600_000)
     assert small.image.size <= 600_000 and max(small.stride) > 1
     assert small.labels is not None and small.labels.shape == small.image.shape
     assert small.spacing[1] == pytest.approx(0.6 * small.stride[1])
-    other = tmp_path / "other_grid.nii.gz"
-    sitk.WriteImage(sitk.Image(20, 20, 20, sitk.sitkUInt8), str(other))
-    vol = slices.load_volumes(IMAGE, other)
+    vol = slices.volumes_from_images(_read(IMAGE), sitk.Image(20, 20, 20, sitk.sitkUInt8))
     assert vol.labels is None and vol.legend == ()
 
 
@@ -120,9 +121,7 @@ def test_render_matches_pipeline_render_slice(volumes: slices.SliceVolumes) -> N
 def test_t2_overlay_only_on_cartilage(tmp_path: Path) -> None:
     seg_img = sitk.ReadImage(str(SEG))
     t2 = sitk.Cast(seg_img, sitk.sitkFloat32) * 0 + 40.0  # 40 ms everywhere
-    t2_path = tmp_path / "x_t2map.nii.gz"
-    sitk.WriteImage(t2, str(t2_path))
-    vol = slices.load_volumes(IMAGE, SEG, t2_path)
+    vol = slices.volumes_from_images(_read(IMAGE), seg_img, t2)
     assert vol.t2 is not None and vol.overlays() == ["labels", "T2 map", "none"]
     axis, i = "sagittal", vol.start_index("sagittal")
     plain = slices.render_rgb(vol, axis, i, "none").astype(int)
@@ -138,36 +137,40 @@ def test_t2_overlay_only_on_cartilage(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the job's visual files
 
 
-def _fake_job(out: Path, stem: str, nsm: bool = False) -> None:
-    """A job folder as the pipeline leaves it (small meshes, real label map and QC)."""
+def _fake_job(out: Path, stem: str, nsm: bool = False) -> Result:
+    """A job's result as the pipeline returns it (small meshes, real label map and QC)."""
     out.mkdir(parents=True, exist_ok=True)
     frame = viz.ViewFrame(np.array([10.0, 20.0, 30.0]), viz.mesh3d.LPS_TO_VIEW.copy())
     verts = np.array([[0, 0, 0], [40, 0, 0], [0, 60, 0], [0, 0, 20]], dtype=float)
     faces = np.array([[0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3]])
     rgba = np.full((4, 4), 200, dtype=np.uint8)
-    meshes = []
+    meshes, artifacts = [], {}
     for name in ("femur", "tibia"):
         mesh = ColoredMesh(name, frame.apply(verts), faces, rgba, {"frame": frame.describe()})
         meshes.append(mesh)
-        write_glb([mesh], out / viz.GLB_NAMES[name])
-    write_glb(meshes, out / viz.KNEE_GLB)
-    viz.thickness_legend_png(out / viz.LEGEND_PNG)
-    Image.new("RGB", (40, 30), "white").save(out / f"{stem}_thickness_map.png")
-    seg_c = geometry.to_canonical(sitk.ReadImage(str(SEG)))
-    (out / f"{stem}_qc.json").write_text(json.dumps(viz.qc_summary(seg_c)))
-    sitk.WriteImage(sitk.ReadImage(str(SEG)), str(out / f"{stem}_subregions-labels.nii.gz"))
+        artifacts[f"{name}_glb"] = write_glb([mesh], out / viz.GLB_NAMES[name])
+    artifacts["knee_glb"] = write_glb(meshes, out / viz.KNEE_GLB)
+    artifacts["legend"] = viz.thickness_legend_png(out / viz.LEGEND_PNG)
+    artifacts["thickness_map"] = out / f"{stem}_thickness_map.png"
+    Image.new("RGB", (40, 30), "white").save(artifacts["thickness_map"])
+    seg = _read(SEG)
     if nsm:
         import pyvista as pv
 
-        pv.Sphere(radius=20, center=(10, 20, 30)).save(
-            str(out / "NSM_recon_femur_mesh_NSM_orig.vtk"))
+        artifacts["nsm_bone"] = out / "NSM_recon_femur_mesh_NSM_orig.vtk"
+        pv.Sphere(radius=20, center=(10, 20, 30)).save(str(artifacts["nsm_bone"]))
+    (out / f"{stem}_results.zip").write_bytes(b"zip")
+    return Result(out / f"{stem}_results.zip", out, pd.DataFrame([{"pat_cart_mm_mean": 2.5}]),
+                  [], {"input": {"stem": stem}}, [], artifacts,
+                  {"image": _read(IMAGE), "all-labels": seg, "subregions-labels": seg},
+                  viz.qc_summary(geometry.to_canonical(seg)), frame)
 
 
-def test_collect_publishes_converts_and_loads(tmp_path: Path) -> None:
+def test_collect_publishes_converts_and_takes_the_rest_from_the_result(tmp_path: Path) -> None:
     out, dest = tmp_path / "job", tmp_path / "published"
     dest.mkdir()
-    _fake_job(out, "subj", nsm=True)
-    vis = visuals.collect(out, "subj", IMAGE, dest, max_bytes=10**9, max_voxels=10**8)
+    result = _fake_job(out, "subj", nsm=True)
+    vis = visuals.collect(result, dest, max_voxels=10**8)
     assert vis.notes == []
     assert [p.name for p in vis.models] == [
         "knee_thickness.glb", "femur_thickness.glb", "tibia_thickness.glb", "nsm_femur.glb"]
@@ -178,25 +181,24 @@ def test_collect_publishes_converts_and_loads(tmp_path: Path) -> None:
     assert vis.volumes is not None and vis.volumes.labels is not None
     assert vis.seconds > 0 and set(vis.timings) == {"3-D", "NSM 3-D", "pictures", "QC",
                                                    "slices"}
-    # the NSM sphere sits in the knee's frame: centred where the knee frame's centre is
-    frame = visuals.knee_frame_from_glb(dest / viz.KNEE_GLB)
-    assert np.allclose(frame.centre, [10, 20, 30])
+    # the NSM sphere is placed in the knee's frame: centred on the frame's centre
     assert visuals.glb_radius(dest / "nsm_femur.glb") == pytest.approx(20 * 3**0.5, rel=0.05)
     assert visuals.glb_radius(tmp_path / "missing.glb") is None
+    assert not visuals.collect(result, dest, max_voxels=10**8, slices=False).volumes
 
 
-def test_collect_without_image_or_files_never_fails(tmp_path: Path) -> None:
-    out, dest = tmp_path / "job", tmp_path / "published"
-    out.mkdir()
+def test_collect_without_images_or_files_never_fails(tmp_path: Path) -> None:
+    dest = tmp_path / "published"
     dest.mkdir()
-    vis = visuals.collect(out, "s", None, dest, max_bytes=10**9, max_voxels=10**8)
+    bare = Result(tmp_path / "x.zip", tmp_path, pd.DataFrame(), [], {}, [])
+    vis = visuals.collect(bare, dest, max_voxels=10**8)
     assert vis.models == [] and vis.legend is None and vis.qc is None and vis.volumes is None
     assert vis.notes == []
-    (out / "s_qc.json").write_text("{not json")
-    vis = visuals.collect(out, "s", tmp_path / "gone.nii.gz", dest, max_bytes=10**9,
-                          max_voxels=10**8)
-    assert vis.qc is None and vis.volumes is None
-    assert [n.split("'")[1] for n in vis.notes] == ["QC", "slices"]
+    broken = Result(tmp_path / "x.zip", tmp_path, pd.DataFrame(), [], {}, [],
+                    {"legend": tmp_path / "gone.png"}, {"image": "not an image"})
+    vis = visuals.collect(broken, dest, max_voxels=10**8)
+    assert vis.legend is None and vis.volumes is None
+    assert [n.split("'")[1] for n in vis.notes] == ["slices"]
 
 
 def test_qc_summary_texts() -> None:
@@ -265,11 +267,8 @@ def test_page_job_outputs_viewers_and_keeps_pixels_off_disk(tmp_path: Path,
     seg.write_bytes(SEG.read_bytes())
 
     def succeeding(spec):
-        out = Path(spec.out_dir)
-        _fake_job(out, "scan")
-        (out / "scan_results.zip").write_bytes(b"zip")
-        return Result(out / "scan_results.zip", out, pd.DataFrame([{"pat_cart_mm_mean": 2.5}]),
-                      [], {"input": {"stem": "scan"}}, [])
+        assert spec.keep_images  # the page's slice viewer needs them
+        return _fake_job(Path(spec.out_dir), "scan")
 
     service = AnalysisService(Settings.from_env(), start_worker=False)
     service.runner = FakeRunner(succeeding)

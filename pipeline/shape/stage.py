@@ -19,6 +19,7 @@ from typing import Any
 import SimpleITK as sitk
 import torch
 
+from .. import labels as L
 from ..errors import PipelineError
 from ..geometry import Side, knee_side
 from ..stage import StageResult
@@ -28,8 +29,6 @@ from .fit import FitResult, Progress, fit_nsm
 from .mesh import MeshLike
 from .models import ModelPaths, locate_model
 from .outputs import write_nsm_outputs
-
-METRIC_PREFIX = {"bone_cartilage": "nsm", "bone_only": "nsm_bone_only"}
 
 
 @dataclass
@@ -61,7 +60,8 @@ def stage(
     cart = _fixed_cartilage(femur)
     side = knee_side(sub_c)
     for variant in variants:
-        prefix = METRIC_PREFIX[variant]
+        prefix = L.SHAPE_PREFIXES[variant]
+        bscore_key, assd_bone_key, assd_cart_key = L.shape_keys(prefix)
         try:
             paths = locate_model(variant, model_dir=model_dir, bscore_root=bscore_dir,
                                  download=model_dir is None, require_bscore=False)
@@ -72,10 +72,10 @@ def stage(
                   side=side, out_dir=out_dir, progress=progress,
                   device=None if device == "auto" else device)
         out.files.update({f"{prefix}_{role}": path for role, path in run.files.items()})
-        out.metrics[f"{prefix}_bscore"] = float("nan") if run.bscore is None else float(run.bscore)
-        out.metrics[f"{prefix}_assd_bone_mm"] = float(run.result.assd_bone_mm)
+        out.metrics[bscore_key] = float("nan") if run.bscore is None else float(run.bscore)
+        out.metrics[assd_bone_key] = float(run.result.assd_bone_mm)
         if variant == "bone_cartilage":
-            out.metrics[f"{prefix}_assd_cartilage_mm"] = float(run.result.assd_cartilage_mm)
+            out.metrics[assd_cart_key] = float(run.result.assd_cartilage_mm)
         if run.bscore is None:
             out.notes.append(f"shape model '{variant}': no BScore folder found, BScore is NaN.")
     return out

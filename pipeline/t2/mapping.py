@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ErrorCode, PipelineError
-from ..labels import T2_REGION_KEYS
+from ..labels import STATS, T2_LAYERS, T2_REGION_KEYS, t2_key
 
 GAMMA_RAD_PER_G_S = 4258 * 2 * math.pi  # proton gyromagnetic ratio, DOSMA's spelling
 DEFAULT_T1_MS = 1200.0  # FemoralCartilage.T1_EXPECTED; the pipeline uses it for all cartilage
@@ -340,7 +340,7 @@ def region_t2_stats(
     a label without a valid voxel gives NaN.
     """
     region_keys = T2_REGION_KEYS if region_keys is None else region_keys
-    prefixes = [(label, f"{region}{suffix}_t2_ms") for label, region in region_keys.items()]
+    prefixes = [(label, f"{region}{suffix}") for label, region in region_keys.items()]
     return _label_stats(t2_clipped, labels, prefixes, include_counts)
 
 
@@ -354,9 +354,9 @@ def depth_t2_stats(
     """Deep (label+100) / superficial (label+200) stats: ``{region}_deep_t2_ms_*`` etc."""
     region_keys = T2_REGION_KEYS if region_keys is None else region_keys
     prefixes = [
-        (label + offset, f"{region}{suffix}_t2_ms")
+        (label + offset, f"{region}{T2_LAYERS[layer]}")
         for label, region in region_keys.items()
-        for offset, suffix in ((DEEP_OFFSET, "_deep"), (SUPERFICIAL_OFFSET, "_superficial"))
+        for offset, layer in ((DEEP_OFFSET, "deep"), (SUPERFICIAL_OFFSET, "superficial"))
     ]
     return _label_stats(t2_clipped, depth_labels, prefixes, include_counts)
 
@@ -388,7 +388,8 @@ def _label_stats(
                                  float(np.nanmedian(selected)))
         else:
             mean = std = median = math.nan  # numpy would warn "Mean of empty slice"
-        stats.update({f"{prefix}_mean": mean, f"{prefix}_std": std, f"{prefix}_median": median})
+        stats.update({t2_key(prefix, stat): value
+                      for stat, value in zip(STATS, (mean, std, median), strict=True)})
         if include_counts:
-            stats[f"{prefix}_n_valid"] = float(n_valid)
+            stats[f"{prefix}_t2_ms_n_valid"] = float(n_valid)
     return stats

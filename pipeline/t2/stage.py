@@ -31,8 +31,8 @@ def stage(loaded, seg_c: sitk.Image, sub_c: sitk.Image, bone_results: list, *, e
         mapping.compute_t2_map(e1, e2, loaded.qdess_params).astype(np.float32))
     t2_img.CopyInformation(loaded.image)
     out.files["t2map"] = outputs.write_image(t2_img, "t2map")[0]
+    out.images["t2map"] = t2_img  # the input's grid, as written
     t2_c = geometry.to_canonical(t2_img)
-    out.images["t2map"] = t2_c
     clipped = mapping.clip_for_stats(sitk.GetArrayFromImage(t2_c).astype(float))
     sub_arr = sitk.GetArrayFromImage(sub_c)
     out.metrics.update(mapping.region_t2_stats(clipped, _femoral_total(sub_arr),

@@ -53,12 +53,15 @@ def qc_stage(seg_c: sitk.Image) -> StageResult:
 def stage(out_dir: Path, stem: str, bone_results: list[BoneResult], seg_c: sitk.Image,
           qc: dict[str, Any] | None = None) -> StageResult:
     """``write_visuals`` as a stage: ``files`` by role (``femur_glb`` … ``knee_glb``,
-    ``legend``, ``thickness_map``, ``qc``), a note per picture that failed."""
+    ``legend``, ``thickness_map``, ``qc``), a note per picture that failed, ``info["frame"]``
+    the 3-D files' ``ViewFrame`` (None without bones)."""
     notes: list[str] = []
-    files = write_visuals(out_dir, stem, bone_results, seg_c, qc=qc, notes=notes)
+    frame = knee_frame(bone_results, seg_c) if bone_results else None
+    files = write_visuals(out_dir, stem, bone_results, seg_c, qc=qc, notes=notes, frame=frame)
     glbs = {*GLB_NAMES, "knee"}
     return StageResult(notes=notes,
-                       files={f"{k}_glb" if k in glbs else k: p for k, p in files.items()})
+                       files={f"{k}_glb" if k in glbs else k: p for k, p in files.items()},
+                       info={"frame": frame})
 
 
 def knee_frame(bone_results: list[BoneResult], seg_c: sitk.Image | None = None) -> ViewFrame:
@@ -79,6 +82,7 @@ def write_visuals(
     qc: dict[str, Any] | None = None,
     notes: list[str] | None = None,
     timings: dict[str, float] | None = None,
+    frame: ViewFrame | None = None,
 ) -> dict[str, Path]:
     """Write the knee's visual outputs into ``out_dir``; returns ``{key: path}``.
 
@@ -90,12 +94,13 @@ def write_visuals(
     A failing picture never fails the job: its message goes to ``notes`` (when given) and the
     others are still written. ``timings`` (when given) receives seconds per output.
     ``sub_c`` is accepted for symmetry with the other stages; regions come from the meshes.
+    ``frame``: the 3-D files' frame (default ``knee_frame(bone_results, seg_c)``).
     """
     del sub_c  # region labels already live on the bone vertices
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    frame = knee_frame(bone_results, seg_c)
+    frame = frame or knee_frame(bone_results, seg_c)
 
     def attempt(key: str, fn) -> None:
         start = time.perf_counter()
