@@ -160,6 +160,7 @@ def attach_echoes(
     """Two-echo qDESS from already split echoes: ``loaded`` is echo 1, plus echo 2 and a JSON
     of acquisition parameters (TR, TE, flip angle, GL_AREA, TG). The RSS becomes the image."""
     from .t2 import QDessParams
+    from .t2.qdess import rss_image
 
     if loaded.echo1 is not None:
         raise PipelineError(
@@ -174,7 +175,7 @@ def attach_echoes(
     echo2.CopyInformation(loaded.image)
     echo1 = loaded.image
     loaded.echo1, loaded.echo2 = echo1, echo2
-    loaded.image = sitk.Sqrt(echo1 * echo1 + echo2 * echo2)
+    loaded.image = rss_image(echo1, echo2, sitk.sitkFloat32)
     loaded.qdess_params = params
     loaded.qdess_tags_present = params.tags_present
     loaded.fmt = f"{loaded.fmt}+echo2"
@@ -489,7 +490,7 @@ def _load_series(items: list[tuple[Path, object]], stem: str, fmt: str) -> Loade
         q = qdess.load_qdess_series([p for p, _ in items])
         echo1 = sitk.Cast(q.echo1, sitk.sitkFloat32)
         echo2 = sitk.Cast(q.echo2, sitk.sitkFloat32)
-        rss = sitk.Sqrt(echo1 * echo1 + echo2 * echo2)
+        rss = qdess.rss_image(echo1, echo2, sitk.sitkFloat32)
         return LoadedImage(
             rss, stem, fmt, description, echo1=echo1, echo2=echo2,
             qdess_params=q.params, qdess_tags_present=q.tags_present,

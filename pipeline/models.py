@@ -402,35 +402,20 @@ def _hub_snapshot(
     spec: ModelSpec, *, download: bool, cache_dir: str | os.PathLike | None
 ) -> tuple[Path, str | None]:
     """Stage-folder parent inside the Hub snapshot, and its commit hash (cache first)."""
+    from . import hub
+
+    def base_of(snapshot: Path) -> Path:
+        return snapshot / spec.repo_path if spec.repo_path else snapshot
+
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise PipelineError(
-            ErrorCode.MODEL_UNAVAILABLE,
-            f"huggingface_hub is not installed, so model {spec.id!r} cannot be fetched from "
-            f"{spec.repo_id}; install it or pass --model PATH with a local model folder.",
-        ) from None
-    kwargs = dict(
-        revision=spec.revision, allow_patterns=spec.hub_files(), cache_dir=cache_dir,
-        token=os.environ.get("HF_TOKEN") or None,
-    )
-    errors: list[str] = []
-    snapshot = None
-    # Cached files first: no network round trip per job, and works offline.
-    attempts = (True, False) if download else (True,)
-    for local_only in attempts:
-        try:
-            snapshot = Path(snapshot_download(spec.repo_id, local_files_only=local_only, **kwargs))
-        except Exception as exc:  # any failure to fetch means "unavailable", with the reason
-            first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""
-            errors.append(f"{type(exc).__name__}: {first}")
-            continue
-        base = snapshot / spec.repo_path if spec.repo_path else snapshot
-        if all((base / p).is_file() for p in spec.required_files()):
-            commit = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else None
-            return base, commit
-        errors.append(f"files missing from {'the cache' if local_only else 'the repo'}")
-    reason = errors[-1] if errors else "not cached"
+        snapshot = hub.snapshot(
+            spec.repo_id, allow_patterns=spec.hub_files(), revision=spec.revision,
+            cache_dir=cache_dir, download=download,
+            complete=lambda s: all((base_of(s) / p).is_file() for p in spec.required_files()),
+        )
+        return base_of(snapshot), hub.commit_of(snapshot)
+    except hub.HubUnavailable as exc:
+        reason = str(exc)
     if spec.family == "dosma2d":
         raise PipelineError(
             ErrorCode.MODEL_UNAVAILABLE,

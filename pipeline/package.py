@@ -91,11 +91,17 @@ def write_meshes(outputs: Outputs, bone_results: list) -> dict[str, int]:
 
 def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     """Python and the installed versions of the libraries that shape the results (+ ``extra``)."""
+    return {"python": platform.python_version(),
+            **versions(("SimpleITK", "mskt", "numpy", "vtk", "pyvista", "pydicom", "nnunetv2",
+                        "torch", *extra))}
+
+
+def versions(dists: tuple[str, ...]) -> dict[str, str]:
+    """Installed version of each distribution in ``dists`` (those not installed left out)."""
     from importlib import metadata
 
-    out = {"python": platform.python_version()}
-    for dist in ("SimpleITK", "mskt", "numpy", "vtk", "pyvista", "pydicom", "nnunetv2", "torch",
-                 *extra):
+    out = {}
+    for dist in dists:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -54,3 +54,46 @@ def configure(*, torch_too: bool = True) -> int:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
     return threads
+
+
+def torch_device(device: str | None = "auto"):
+    """The ``torch.device`` for ``auto`` (CUDA when present, else the CPU), ``cpu``, ``mps``,
+    ``cuda`` or ``cuda:N``; refuses (INVALID_PARAMETERS) a device that is absent or unknown."""
+    import torch
+
+    from .errors import ErrorCode, PipelineError
+
+    if isinstance(device, torch.device):
+        device = str(device)
+    want = (device or "auto").strip().lower()
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cpu":
+        return torch.device("cpu")
+    if want == "mps":  # Apple GPUs; nnU-Net supports them (slower than CUDA)
+        if not torch.backends.mps.is_available():
+            raise PipelineError(
+                ErrorCode.INVALID_PARAMETERS, "device 'mps' requested but MPS is not available."
+            )
+        return torch.device("mps")
+    if want == "cuda" or want.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise PipelineError(
+                ErrorCode.INVALID_PARAMETERS,
+                f"device {device!r} requested but no CUDA GPU is available; use auto or cpu.",
+            )
+        try:
+            dev = torch.device(want)
+        except RuntimeError:
+            raise PipelineError(ErrorCode.INVALID_PARAMETERS,
+                                f"invalid device {device!r}.") from None
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PipelineError(
+                ErrorCode.INVALID_PARAMETERS,
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present.",
+            )
+        return dev
+    raise PipelineError(
+        ErrorCode.INVALID_PARAMETERS,
+        f"device must be auto, cpu, cuda, cuda:N or mps (got {device!r}).",
+    )

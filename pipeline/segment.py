@@ -29,7 +29,8 @@ from . import labels as L
 from . import models
 from .errors import ErrorCode, PipelineError
 from .inputs import LoadedImage
-from .process import configure, torch_threads
+from .package import versions
+from .process import configure, torch_device, torch_threads
 from .quiet import silenced
 
 ProgressFn = Callable[..., None]  # progress(done, total, detail="")
@@ -264,7 +265,7 @@ def _model_record(resolved: models.ResolvedModel, state: _Loaded, reused: bool,
         "torch_threads": torch_threads(),
         "model_reused": reused,
         "seconds": {"load": 0.0 if reused else round(state.seconds, 3), **seconds},
-        "libraries": _versions(),
+        "libraries": versions(("nnunetv2", "torch", "dynamic_network_architectures", "h5py")),
         "warnings": warnings,
     }
 
@@ -432,47 +433,12 @@ def _result_notes(seg: sitk.Image, resolved: models.ResolvedModel) -> list[str]:
 
 def _pick_device(device: str, resolved: models.ResolvedModel):
     """torch.device for ``device`` and user notes (CPU run-time warning)."""
-    import torch
-
-    want = (device or "auto").strip().lower()
-    if want == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda"), []
-        notes = [] if resolved.spec.demo else [
-            "no CUDA GPU found: segmentation ran on the CPU, which takes many minutes for a "
-            "full-size knee MRI (about a minute on a GPU)."
-        ]
-        return torch.device("cpu"), notes
-    if want == "cpu":
-        return torch.device("cpu"), []
-    if want == "mps":  # Apple GPUs; nnU-Net supports them (slower than CUDA)
-        if not torch.backends.mps.is_available():
-            raise PipelineError(
-                ErrorCode.INVALID_PARAMETERS, "device 'mps' requested but MPS is not available."
-            )
-        return torch.device("mps"), []
-    if want == "cuda" or want.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise PipelineError(
-                ErrorCode.INVALID_PARAMETERS,
-                f"device {device!r} requested but no CUDA GPU is available; use auto or cpu.",
-            )
-        try:
-            dev = torch.device(want)
-        except RuntimeError:
-            raise PipelineError(
-                ErrorCode.INVALID_PARAMETERS, f"invalid device {device!r}."
-            ) from None
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise PipelineError(
-                ErrorCode.INVALID_PARAMETERS,
-                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present.",
-            )
-        return dev, []
-    raise PipelineError(
-        ErrorCode.INVALID_PARAMETERS,
-        f"device must be auto, cpu, cuda, cuda:N or mps (got {device!r}).",
-    )
+    dev = torch_device(device)
+    auto = (device or "auto").strip().lower() == "auto"
+    if auto and dev.type == "cpu" and not resolved.spec.demo:
+        return dev, ["no CUDA GPU found: segmentation ran on the CPU, which takes many minutes "
+                     "for a full-size knee MRI (about a minute on a GPU)."]
+    return dev, []
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:
@@ -502,13 +468,3 @@ def _gpu_memory(dev) -> str:
         return "GPU memory exhausted"
 
 
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("nnunetv2", "torch", "dynamic_network_architectures", "h5py"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out

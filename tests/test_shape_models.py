@@ -85,7 +85,7 @@ def test_hub_download_monkeypatched(tmp_path, monkeypatch):
 
 def test_hub_snapshot_without_the_files(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: str(tmp_path))
-    with pytest.raises(PipelineError, match="does not provide") as err:
+    with pytest.raises(PipelineError, match="files missing from the repo") as err:
         download_model("bone_only", require_bscore=False)
     assert err.value.code == ErrorCode.MODEL_UNAVAILABLE
 

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.errors import ErrorCode, PipelineError, refused_on
 from pipeline.geometry import Side
+from pipeline.process import torch_device
 from pipeline.shape.decoder import TriplanarDecoder
 from pipeline.shape.mesh import (
     FIT_PTS_PER_AXIS,
@@ -231,12 +232,6 @@ def reconstruct_latent(
     return final.reshape(-1).cpu().numpy().astype(np.float32), k + 1, best
 
 
-def _pick_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def fit_nsm(
     bone: MeshLike,
     cartilage: MeshLike | None = None,
@@ -281,7 +276,7 @@ def fit_nsm(
     if clip_femur:
         surfaces[0] = clip_femur_top(surfaces[0])
 
-    dev = _pick_device(device)
+    dev = torch_device(device)
     home = next(decoder.parameters()).device
     was_training = decoder.training
     grad_flags = [p.requires_grad for p in decoder.parameters()]

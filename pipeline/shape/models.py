@@ -16,7 +16,6 @@ the Hub (they ship with KneePipeline); pass their parent folder as ``bscore_root
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,34 +156,24 @@ def download_model(
 ) -> ModelPaths:
     """Fetch a variant from the Hub (``HF_TOKEN`` from the environment) and resolve it.
 
-    Works offline from the Hugging Face cache (``HF_HUB_OFFLINE=1``) when the files were
+    Cache first (``pipeline.hub``): works offline (``HF_HUB_OFFLINE=1``) when the files were
     fetched before. Raises ``PipelineError(MODEL_UNAVAILABLE)`` when they cannot be had.
     """
-    import huggingface_hub
+    from .. import hub
 
     spec = _spec(variant)
     try:
-        snapshot = huggingface_hub.snapshot_download(
-            repo_id=HF_REPO_ID,
-            allow_patterns=hub_allow_patterns(variant),
-            token=os.environ.get("HF_TOKEN"),
-            cache_dir=None if cache_dir is None else str(cache_dir),
-        )
-    except Exception as exc:  # noqa: BLE001 - network, auth, gating and offline errors alike
+        root = hub.snapshot(HF_REPO_ID, allow_patterns=hub_allow_patterns(variant),
+                            cache_dir=cache_dir,
+                            complete=lambda snap: _find_model(snap, spec) is not None)
+    except hub.HubUnavailable as exc:
         raise PipelineError(
             ErrorCode.MODEL_UNAVAILABLE,
-            f"cannot download the {variant} shape model from {HF_REPO_ID} "
-            f"({type(exc).__name__}: {exc}). The repo is gated: accept its terms on "
-            "huggingface.co, set HF_TOKEN, check the network, or give a local model folder.",
+            f"cannot have the {variant} shape model from {HF_REPO_ID} ({exc}): the repo may not "
+            f"publish {' or '.join(spec.folders)}/{spec.checkpoint} with its config, or it is "
+            "gated: accept its terms on huggingface.co, set HF_TOKEN, check the network, or "
+            "give a local model folder.",
         ) from exc
-    root = Path(snapshot)
-    if _find_model(root, spec) is None:
-        raise PipelineError(
-            ErrorCode.MODEL_UNAVAILABLE,
-            f"{HF_REPO_ID} does not provide {' or '.join(spec.folders)}/{spec.checkpoint} "
-            "with its config (the repo may not publish this model, or the token lacks access); "
-            "give a local model folder instead.",
-        )
     return resolve_local_model(root, variant, bscore_root, require_bscore=require_bscore)
 
 

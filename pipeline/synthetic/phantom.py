@@ -422,7 +422,7 @@ def generate(spec: PhantomSpec | None = None, *, qdess: bool = False, qdess_para
         image = np.round(_rician(pd, sigma, rng))
         return Phantom(labels_img, _as_image(np.clip(image, 0, 32767), grid), spec)
 
-    from ..t2 import QDessParams  # T2 model lives with the T2 stage
+    from ..t2 import QDessParams, compute_rss  # T2 model lives with the T2 stage
 
     params = qdess_params or QDessParams(
         tr_ms=20.36, te_ms=6.428, flip_angle_deg=20.0, gl_area=3132.0, tg_us=2392.0
@@ -434,7 +434,7 @@ def generate(spec: PhantomSpec | None = None, *, qdess: bool = False, qdess_para
             ratio[maps[tissue]] = qdess_echo_ratio(t2, params)
     echo1 = np.round(np.clip(_rician(pd, sigma, rng), 0, 4095))
     echo2 = np.round(np.clip(_rician(pd * ratio, sigma, rng), 0, 4095))
-    rss = np.sqrt(echo1**2 + echo2**2)
+    rss = compute_rss(echo1, echo2)
     return Phantom(
         labels_img,
         _as_image(np.round(rss), grid),

@@ -451,6 +451,13 @@ def series_t2_map(series: QDessSeries, **kwargs: object) -> sitk.Image:
 
 def series_rss(series: QDessSeries) -> sitk.Image:
     """RSS of the two echoes (float64) on echo 1's grid: the segmentation input (spec §4)."""
-    image = sitk.GetImageFromArray(compute_rss(*_arrays(series)))
-    image.CopyInformation(series.echo1)
+    return rss_image(series.echo1, series.echo2)
+
+
+def rss_image(echo1: sitk.Image, echo2: sitk.Image, pixel: int = sitk.sitkFloat64) -> sitk.Image:
+    """sqrt(e1² + e2²) on echo 1's grid, computed in float64 (``compute_rss``) and stored as
+    ``pixel`` (the pipeline keeps float32 images)."""
+    arrays = sitk.GetArrayViewFromImage(echo1), sitk.GetArrayViewFromImage(echo2)
+    image = sitk.Cast(sitk.GetImageFromArray(compute_rss(*arrays)), pixel)
+    image.CopyInformation(echo1)
     return image
