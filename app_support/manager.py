@@ -54,8 +54,8 @@ class Job:
         return self.state in (DONE, FAILED)
 
 
-# work(job, on_step) -> (outputs, extras); raises PipelineError / JobFailed-like errors with
-# ``code`` and ``message`` attributes on failure.
+# work(job, on_step) -> (outputs, extras); raises PipelineError (a code and a user-facing
+# message) when the job ends without results; any other exception is a bug (INTERNAL).
 Work = Callable[[Job, Callable[[str, float], None]], tuple[tuple, Any]]
 
 

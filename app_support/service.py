@@ -42,14 +42,6 @@ N_BASE_OUTPUTS = 8
 POLL_S = 1.0  # a following handler yields at least this often, so a closed client frees it
 
 
-class JobFailed(Exception):
-    """A job that ended without results; ``code`` and ``message`` are user-facing."""
-
-    def __init__(self, code: str, message: str):
-        self.code, self.message = code, message
-        super().__init__(f"[{code}] {message}")
-
-
 @dataclass
 class JobRequest:
     """One submitted analysis, as the job manager's thread runs it."""
@@ -194,7 +186,7 @@ class AnalysisService:
                 if outcome.detail:
                     log.error("job %s failed [%s]: %s\n%s", job.id, outcome.code,
                               outcome.message, outcome.detail)
-                raise JobFailed(outcome.code, outcome.message)
+                raise PipelineError(outcome.code, outcome.message)
             result: Result = outcome
             seconds = round(time.monotonic() - t0, 1)
             retained = self._retain(result) if req.consent else None

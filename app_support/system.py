@@ -50,14 +50,7 @@ def model_choices() -> list[ModelChoice]:
     except ImportError:
         return []
     try:
-        out = []
-        for m in models.available_models():
-            if isinstance(m, str):
-                out.append(ModelChoice(m, m))
-            else:
-                out.append(ModelChoice(str(getattr(m, "name", m)), str(getattr(m, "id", m)),
-                                       bool(getattr(m, "demo", False))))
-        return out
+        return [ModelChoice(m.name, m.id, m.demo) for m in models.available_models()]
     except Exception:
         log.exception("listing segmentation models failed")
         return []

@@ -278,11 +278,6 @@ def available_models(*, cache_dir: str | os.PathLike | None = None) -> list[Mode
     return ([s for s in usable if not s.demo] + local + [s for s in usable if s.demo])
 
 
-def model_choices(*, cache_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:
-    """``(display name, id)`` pairs of ``available_models`` (for a dropdown)."""
-    return [(s.name, s.id) for s in available_models(cache_dir=cache_dir)]
-
-
 def model_status(*, cache_dir: str | os.PathLike | None = None) -> list[dict]:
     """Every known model with whether it is usable offline now (for ``--list-models``)."""
     specs = list(REGISTRY.values()) + [s for s in _env_models() if s.id not in REGISTRY]

@@ -25,7 +25,7 @@ from .errors import ErrorCode, PipelineError
 from .package import Outputs
 from .stage import StageResult
 
-# The --nsm choices and the shape-model variants each fits (``shape.models.VARIANTS``).
+# The --nsm choices and the shape-model variants each fits (``shape.weights.NSM_MODELS``).
 NSM_VARIANTS: dict[str, tuple[str, ...]] = {
     "none": (), "bone_cart": ("bone_cartilage",), "bone": ("bone_only",),
     "both": ("bone_cartilage", "bone_only"),

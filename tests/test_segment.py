@@ -363,13 +363,14 @@ def test_demo_model_listed_last(tiny, monkeypatch, tmp_path):
 def test_env_model_dir_adds_local_models(tiny, monkeypatch, tmp_path):
     _hide_demo(monkeypatch, tmp_path)
     monkeypatch.setenv(models.ENV_MODEL_DIR, str(tiny.parent))
-    ids = [s.id for s in models.available_models(cache_dir=tmp_path / "hub")]
+    available = models.available_models(cache_dir=tmp_path / "hub")
+    ids = [s.id for s in available]
     assert "local:Dataset500_KneeMRI" in ids
     assert "nnunet_knee" not in ids  # not cached, and the Hub is never assumed reachable
     spec = models.get_spec("local:Dataset500_KneeMRI")
     assert spec.configurations == ("3d_lowres", "3d_cascade_fullres")
     assert ("Local: Dataset500_KneeMRI (3d_lowres → 3d_cascade_fullres, fold 1)",
-            "local:Dataset500_KneeMRI") in models.model_choices(cache_dir=tmp_path / "hub")
+            "local:Dataset500_KneeMRI") in [(s.name, s.id) for s in available]
 
 
 # ---------------------------------------------------------------- Hub weights (no network)

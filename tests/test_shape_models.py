@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.shape import download_model, locate_model, resolve_local_model
-from pipeline.shape.models import HF_REPO_ID, hub_allow_patterns
+from pipeline.shape.weights import HF_REPO_ID, hub_allow_patterns
 
 
 def _make_model(root: Path, folder: str, config: str, ckpt: str) -> Path:

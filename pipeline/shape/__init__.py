@@ -2,7 +2,7 @@
 
 Modules: ``decoder`` (triplanar decoder, checkpoint loading), ``mesh`` (SDF mesh extraction,
 ASSD), ``prepare`` (side, mirroring, femur clipping), ``register`` (similarity ICP), ``fit``
-(latent optimisation), ``bscore``, ``models`` (local / Hub model folders), ``outputs``
+(latent optimisation), ``bscore``, ``weights`` (local / Hub model folders), ``outputs``
 (reference file names), ``stage`` (the step of ``run()``, and ``fit_variant``: one variant in
 one call).
 """
@@ -21,20 +21,20 @@ from pipeline.shape.mesh import (
     read_mesh,
     write_vtk,
 )
-from pipeline.shape.models import (
-    VARIANTS,
+from pipeline.shape.outputs import OUTPUT_NAMES, nsm_params, write_nsm_outputs
+from pipeline.shape.prepare import clip_femur_top, mirror_left_to_right
+from pipeline.shape.stage import ShapeRun, fit_variant, stage
+from pipeline.shape.weights import (
+    NSM_MODELS,
     ModelPaths,
     download_model,
     locate_model,
     resolve_local_model,
 )
-from pipeline.shape.outputs import OUTPUT_NAMES, nsm_params, write_nsm_outputs
-from pipeline.shape.prepare import clip_femur_top, mirror_left_to_right
-from pipeline.shape.stage import ShapeRun, fit_variant, stage
 
 __all__ = [
     "OUTPUT_NAMES",
-    "VARIANTS",
+    "NSM_MODELS",
     "Extraction",
     "FitResult",
     "ModelPaths",

@@ -27,8 +27,8 @@ from .bscore import bscore
 from .decoder import load_config, load_decoder
 from .fit import FitResult, Progress, fit_nsm
 from .mesh import MeshLike
-from .models import ModelPaths, locate_model
 from .outputs import write_nsm_outputs
+from .weights import ModelPaths, locate_model
 
 
 @dataclass

@@ -26,7 +26,7 @@ CONFIG_NAMES: tuple[str, ...] = ("model_params_config.json", "model_config.json"
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class NsmSpec:
     """Where one variant's files live, relative to a models root."""
 
     variant: str
@@ -36,15 +36,15 @@ class ModelSpec:
     n_objects: int
 
 
-VARIANTS: dict[str, ModelSpec] = {
-    "bone_cartilage": ModelSpec(
+NSM_MODELS: dict[str, NsmSpec] = {
+    "bone_cartilage": NsmSpec(
         "bone_cartilage",
         ("647_nsm_femur_v0.0.1", "647_nsm_femur_cartilage_v0.0.1"),
         "model/2000.pth",
         "NSM_Orig_BScore_Bone_Cartilage_April_17_2025",
         2,
     ),
-    "bone_only": ModelSpec(
+    "bone_only": NsmSpec(
         "bone_only",
         ("551_nsm_femur_bone_v0.0.1",),
         "model/1150.pth",
@@ -68,16 +68,16 @@ class ModelPaths:
         return None if self.bscore_dir is None else self.bscore_dir / "model.json"
 
 
-def _spec(variant: str) -> ModelSpec:
-    if variant not in VARIANTS:
+def _spec(variant: str) -> NsmSpec:
+    if variant not in NSM_MODELS:
         raise PipelineError(
             ErrorCode.INVALID_PARAMETERS,
-            f"unknown shape-model variant {variant!r}; use one of {sorted(VARIANTS)}",
+            f"unknown shape-model variant {variant!r}; use one of {sorted(NSM_MODELS)}",
         )
-    return VARIANTS[variant]
+    return NSM_MODELS[variant]
 
 
-def _find_in_folder(folder: Path, spec: ModelSpec) -> tuple[Path, Path] | None:
+def _find_in_folder(folder: Path, spec: NsmSpec) -> tuple[Path, Path] | None:
     ckpt = folder / spec.checkpoint
     for name in CONFIG_NAMES:
         cfg = folder / name
@@ -86,7 +86,7 @@ def _find_in_folder(folder: Path, spec: ModelSpec) -> tuple[Path, Path] | None:
     return None
 
 
-def _find_model(root: Path, spec: ModelSpec) -> tuple[Path, Path] | None:
+def _find_model(root: Path, spec: NsmSpec) -> tuple[Path, Path] | None:
     """``root`` may be the model folder itself or a folder holding the named model folders."""
     for folder in (root, *(root / f for f in spec.folders)):
         found = _find_in_folder(folder, spec)
@@ -95,7 +95,7 @@ def _find_model(root: Path, spec: ModelSpec) -> tuple[Path, Path] | None:
     return None
 
 
-def _find_bscore(spec: ModelSpec, roots: list[Path]) -> Path | None:
+def _find_bscore(spec: NsmSpec, roots: list[Path]) -> Path | None:
     for root in roots:
         for folder in (root / spec.bscore_folder, root / "BSCORE_MODELS" / spec.bscore_folder,
                        root):
