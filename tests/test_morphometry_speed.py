@@ -46,14 +46,14 @@ def test_rays_match_pymskt(knee, spec):
     bone = result.bone_mesh
     points, normals = np.asarray(bone.points, dtype=float), rays.vertex_normals(bone)
     ours_thick = np.asarray(bone.point_data[thickness.THICKNESS_ARRAY])
-    region_meshes = thickness._cartilage_meshes(sub, list(spec.region_labels), 0.3125)
+    region_list, region_meshes, _ = thickness.region_surfaces(sub, spec)
     ours_regions = sum(rays.region_labels(points, normals, m, sub) for m in region_meshes)
     with silenced():
         bone.calc_cartilage_thickness(
             list_cartilage_meshes=[m for _, m in result.thickness_meshes])
         theirs_thick = np.asarray(bone.point_data[thickness.THICKNESS_ARRAY])
         bone.seg_image = sub
-        bone.list_cartilage_labels = list(spec.region_labels)
+        bone.list_cartilage_labels = region_list
         bone.list_cartilage_meshes = region_meshes
         bone.assign_cartilage_regions()
         theirs_regions = np.asarray(bone.point_data[thickness.REGION_ARRAY])
