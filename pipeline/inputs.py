@@ -51,7 +51,7 @@ class LoadedImage:
     series_description: str = ""
     echo1: sitk.Image | None = None
     echo2: sitk.Image | None = None
-    qdess_params: object | None = None  # pipeline.t2.QDessParams for two-echo series
+    qdess_params: object | None = None  # pipeline.t2.mapping.QDessParams for two-echo series
     qdess_tags_present: bool = False
     warnings: list[str] = field(default_factory=list)
 
@@ -159,7 +159,7 @@ def attach_echoes(
 ) -> LoadedImage:
     """Two-echo qDESS from already split echoes: ``loaded`` is echo 1, plus echo 2 and a JSON
     of acquisition parameters (TR, TE, flip angle, GL_AREA, TG). The RSS becomes the image."""
-    from .t2 import QDessParams
+    from .t2.mapping import QDessParams
     from .t2.qdess import rss_image
 
     if loaded.echo1 is not None:

@@ -202,7 +202,7 @@ def _means(metrics: dict) -> dict:
 def run_t2() -> dict:
     import numpy as np
 
-    from pipeline import t2
+    from pipeline.t2 import mapping as t2
 
     rng = np.random.default_rng(0)
     e1 = rng.integers(100, 4000, (160, 512, 512)).astype(np.float32)

@@ -21,7 +21,6 @@ import math
 import shutil
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,18 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.run import Options, run  # noqa: E402
 from pipeline.synthetic import phantom as P  # noqa: E402
+from pipeline.synthetic.dicom_writer import zip_series  # noqa: E402
 
 EXAMPLE = ROOT / "assets" / "examples"
 NSM_FIXTURE = ROOT.parent / "shared" / "fixtures" / "nsm"
 OAI_GRID = {"size": (384, 384, 160), "spacing": (0.3646, 0.3646, 0.7)}
-
-
-def _zip_series(folder: Path, out: Path) -> Path:
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                zf.write(path, arcname=str(path.relative_to(folder.parent)))
-    return out
 
 
 def _nsm_folder(root: Path) -> Path:
@@ -64,7 +56,7 @@ def case_inputs(name: str, root: Path) -> tuple[Path, Path, Options] | None:
     if name == "oai_qdess":
         ph = P.generate(P.PhantomSpec(**OAI_GRID, noise=0.0, bias=0.0), qdess=True)
         paths = P.write_phantom(ph, root / "oai", fmt="dicom", stem="oai")
-        return _zip_series(paths["image"], root / "oai_qdess.zip"), paths["seg"], Options()
+        return zip_series(paths["image"], root / "oai_qdess.zip"), paths["seg"], Options()
     raise ValueError(f"unknown case {name!r}")
 
 

@@ -17,12 +17,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import zipfile
 from pathlib import Path
 
 import pytest
 
 from pipeline.synthetic import phantom as P
+from pipeline.synthetic.dicom_writer import zip_series
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "examples"
@@ -54,21 +54,13 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _zip_series(folder: Path, out: Path) -> Path:
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                zf.write(path, arcname=str(path.relative_to(folder.parent)))
-    return out
-
-
 def test_two_threads_match_sequential_runs_and_leave_nothing(tmp_path):
     spec = P.PhantomSpec(size=(140, 140, 91), spacing=(0.8, 0.8, 1.0), noise=0.0, bias=0.0)
     paths = P.write_phantom(P.generate(spec, qdess=True), tmp_path / "in", fmt="dicom",
                             stem="qknee")
     cases = {
         "example": [str(EXAMPLE / "knee_phantom.nii.gz"), str(EXAMPLE / "knee_phantom_seg.nii.gz")],
-        "qdess_zip": [str(_zip_series(paths["image"], tmp_path / "qknee.zip")), str(paths["seg"])],
+        "qdess_zip": [str(zip_series(paths["image"], tmp_path / "qknee.zip")), str(paths["seg"])],
     }
     root = tmp_path / "temp_root"
     root.mkdir()

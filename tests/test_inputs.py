@@ -109,7 +109,7 @@ def test_zip_of_one_image(small_phantom, tmp_path):
 
 def test_qdess_series_keeps_both_echoes(tmp_path):
     ph = P.generate(P.PhantomSpec(**SMALL, noise=0.0, bias=0.0), qdess=True)
-    from pipeline.t2 import QDessParams
+    from pipeline.t2.mapping import QDessParams
 
     params = QDessParams(20.36, 6.428, 20.0, 3132.0, 2392.0)
     dicom_writer.write_qdess_series(ph.echo1, ph.echo2, tmp_path / "q", params)

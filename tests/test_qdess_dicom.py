@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.synthetic.dicom_writer import SeriesIdentity, write_dicom_series, write_qdess_series
-from pipeline.t2 import SKIP_TAGS_REMOVED, QDessParams
+from pipeline.t2.mapping import SKIP_TAGS_REMOVED, QDessParams
 from pipeline.t2.qdess import (
     is_two_echo_series,
     load_qdess_series,

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.labels import T2_REGION_KEYS
-from pipeline.t2 import (
+from pipeline.t2.mapping import (
     SKIP_NOT_QDESS,
     SKIP_TAGS_REMOVED,
     QDessParams,

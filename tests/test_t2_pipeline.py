@@ -20,6 +20,7 @@ import SimpleITK as sitk
 
 from pipeline import labels as L
 from pipeline.synthetic import phantom as P
+from pipeline.synthetic.dicom_writer import zip_series
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = dict(size=(140, 140, 91), spacing=(0.8, 0.8, 1.0), noise=0.0, bias=0.0)
@@ -31,14 +32,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, env=env, cwd=ROOT, timeout=900)
 
 
-def _zip_folder(folder: Path, out: Path) -> Path:
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-        for p in sorted(folder.rglob("*")):
-            if p.is_file():
-                zf.write(p, arcname=str(p.relative_to(folder.parent)))
-    return out
-
-
 @pytest.fixture(scope="module")
 def qdess_case(tmp_path_factory):
     root = tmp_path_factory.mktemp("qdess")
@@ -46,7 +39,7 @@ def qdess_case(tmp_path_factory):
     ph = P.generate(spec, qdess=True)
     paths = P.write_phantom(ph, root / "in", fmt="dicom", stem="knee")
     series = paths["image"]
-    zip_path = _zip_folder(series, root / "knee_qdess.zip")
+    zip_path = zip_series(series, root / "knee_qdess.zip")
     proc = _cli("analyze", str(zip_path), "--seg", str(paths["seg"]), "--out", str(root / "out"))
     return spec, ph, paths, root, proc
 
@@ -108,7 +101,7 @@ def test_tags_stripped_completes_with_warning(qdess_case, tmp_path):
         ds = pydicom.dcmread(str(f))
         ds.remove_private_tags()
         ds.save_as(str(stripped / f.name))
-    zip_path = _zip_folder(stripped, tmp_path / "anon.zip")
+    zip_path = zip_series(stripped, tmp_path / "anon.zip")
     proc = _cli("analyze", str(zip_path), "--seg", str(paths["seg"]), "--out", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "T2 skipped" in proc.stderr and "0019" in proc.stderr

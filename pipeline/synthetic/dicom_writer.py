@@ -345,3 +345,15 @@ def write_qdess_series(
     volumes = [_Volume(s, e) for s, e in zip(stored, echoes, strict=True)]
     return _write(volumes, geometry, info, out_dir, (slope, intercept), extension,
                   slice_thickness_mm)
+
+
+def zip_series(folder: str | Path, out: str | Path) -> Path:
+    """Zip a written series folder as users upload one (the folder's name as the top level)."""
+    import zipfile
+
+    folder, out = Path(folder), Path(out)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, arcname=str(path.relative_to(folder.parent)))
+    return out

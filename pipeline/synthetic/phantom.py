@@ -408,7 +408,7 @@ def generate(spec: PhantomSpec | None = None, *, qdess: bool = False, qdess_para
 
     With ``qdess`` the image is the root-sum-of-squares of the two echoes, as a scanner's
     qDESS analysis image would be; echo 2 follows each tissue's known T2 through the DESS
-    signal model of ``pipeline.t2`` (see ``qdess_echo_ratio``).
+    signal model of ``pipeline.t2.mapping`` (see ``qdess_echo_ratio``).
     """
     spec = spec or PhantomSpec()
     grid = make_grid(spec)
@@ -422,7 +422,7 @@ def generate(spec: PhantomSpec | None = None, *, qdess: bool = False, qdess_para
         image = np.round(_rician(pd, sigma, rng))
         return Phantom(labels_img, _as_image(np.clip(image, 0, 32767), grid), spec)
 
-    from ..t2 import QDessParams, compute_rss  # T2 model lives with the T2 stage
+    from ..t2.mapping import QDessParams, compute_rss  # T2 model lives with the T2 stage
 
     params = qdess_params or QDessParams(
         tr_ms=20.36, te_ms=6.428, flip_angle_deg=20.0, gl_area=3132.0, tg_us=2392.0
@@ -446,7 +446,7 @@ def generate(spec: PhantomSpec | None = None, *, qdess: bool = False, qdess_para
 
 def qdess_echo_ratio(t2_ms: float, params) -> float:
     """Echo2/echo1 ratio that the DOSMA-equivalent model maps to ``t2_ms`` (bisection)."""
-    from ..t2 import compute_t2_map
+    from ..t2.mapping import compute_t2_map
 
     def t2_of(r: float) -> float:
         out = compute_t2_map(
@@ -496,7 +496,7 @@ def write_phantom(
 
         series_dir = out / f"{stem}_dicom"
         if phantom.echo1 is not None:
-            from ..t2 import QDessParams
+            from ..t2.mapping import QDessParams
 
             params = QDessParams(
                 tr_ms=20.36, te_ms=6.428, flip_angle_deg=20.0, gl_area=3132.0, tg_us=2392.0
