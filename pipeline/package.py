@@ -57,7 +57,7 @@ class Outputs:
 
     def write_json(self, data: dict, name: str) -> Path:
         p = self.path(name)
-        p.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=True))
+        p.write_text(json.dumps(jsonable(data), indent=2, allow_nan=True))
         return self.add(p)
 
     def write_metrics(self, metrics: dict[str, float]) -> tuple[Path, Path]:
@@ -145,14 +145,14 @@ def provenance(loaded, options, *, model_info: dict | None, seg_source: str,
     }
 
 
-def _jsonable(value):
+def jsonable(value):
     """NaN → null so every JSON reader (not only Python's) can parse the files."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _jsonable(value.item())
+        return jsonable(value.item())
     return value

@@ -25,12 +25,12 @@ Meshes are binary legacy VTK. Non-finite numbers (no surface / no BScore) are wr
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.package import jsonable
 from pipeline.shape.fit import FitResult
 from pipeline.shape.mesh import write_vtk
 
@@ -49,23 +49,19 @@ OUTPUT_NAMES: dict[str, dict[str, str]] = {
 }
 
 
-def _num(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
 def nsm_params(result: FitResult, bscore_value: float | None, variant: str) -> dict:
-    """The params JSON content for one fit."""
+    """The params JSON content for one fit (NaN and infinities as null)."""
     params = {
         "latent": [np.asarray(result.latent, dtype=np.float64).reshape(-1).tolist()],
-        "Bscore": _num(bscore_value),
+        "Bscore": None if bscore_value is None else float(bscore_value),
         "icp_transform": np.asarray(result.icp_transform, dtype=np.float64).tolist(),
         "center": np.asarray(result.center, dtype=np.float64).tolist(),
         "scale": float(result.scale),
-        "assd_bone_mm": _num(result.assd_bone_mm),
+        "assd_bone_mm": float(result.assd_bone_mm),
     }
     if variant == "bone_cartilage":
-        params["assd_cartilage_mm"] = _num(result.assd_cartilage_mm)
-    return params
+        params["assd_cartilage_mm"] = float(result.assd_cartilage_mm)
+    return jsonable(params)
 
 
 def write_nsm_outputs(
