@@ -42,14 +42,18 @@ class InProcessRunner:
         self.info: dict[str, Any] = {}
         self.starts = 0
         self.pid = None
-        self.segmenter = None  # made at start: the model stays loaded between jobs
+        self.segmenter = None  # made at start (not under ZeroGPU): the model stays loaded
 
     def start(self) -> None:
         from pipeline.segment import Segmenter
 
         from . import system
 
-        self.segmenter = self.segmenter or Segmenter()
+        # Under ZeroGPU the segmentation runs in a GPU process of its own per call, which keeps
+        # nothing between calls, and its arguments may cross a process boundary (a segmenter
+        # holds a lock): there each job loads its model.
+        if self.accelerate is None:
+            self.segmenter = self.segmenter or Segmenter()
 
         self.info = system.device_info() if self.accelerate is None else {
             "device": "zero-gpu", "gpu": None}
