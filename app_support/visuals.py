@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline import labels as L
 from pipeline import viz
 from pipeline.run import Result
 
@@ -33,18 +34,18 @@ from .slices import SliceVolumes, volumes_from_images
 log = logging.getLogger(__name__)
 
 # 3-D choices, in the order offered: (result artifact role, file published next to the zip,
-# radio label).
+# radio label). Roles ending in ``_glb`` are the pipeline's thickness GLBs, published as
+# written; the others are the shape stage's reconstructions (``{metric prefix}_bone``),
+# converted to GLB.
 MODEL_FILES: list[tuple[str, str, str]] = [
     ("knee_glb", viz.KNEE_GLB, "whole knee"),
     ("femur_glb", viz.GLB_NAMES["femur"], "femur"),
     ("tibia_glb", viz.GLB_NAMES["tibia"], "tibia"),
     ("patella_glb", viz.GLB_NAMES["patella"], "patella"),
-    # NSM reconstructions (shape-stage roles ``{metric prefix}_bone``), converted to GLB.
-    ("nsm_bone", "nsm_femur.glb", "NSM reconstruction (femur)"),
-    ("nsm_bone_only_bone", "nsm_bone_only_femur.glb",
+    (f"{L.SHAPE_PREFIXES['bone_cartilage']}_bone", "nsm_femur.glb", "NSM reconstruction (femur)"),
+    (f"{L.SHAPE_PREFIXES['bone_only']}_bone", "nsm_bone_only_femur.glb",
      "NSM reconstruction (femur, bone-only model)"),
 ]
-_THICKNESS_GLBS = 4  # the first MODEL_FILES are published as written; the rest converted
 QC_COLUMNS = ["label", "structure", "volume_mm3", "components", "largest_component_%"]
 
 
@@ -104,13 +105,13 @@ def collect(result: Result, dest_dir: str | os.PathLike, *, max_voxels: int,
         return Path(shutil.move(os.fspath(src), dest / Path(src).name))
 
     def models() -> None:
-        for role, _, _ in MODEL_FILES[:_THICKNESS_GLBS]:
-            if (path := publish(role)) is not None:
+        for role, _, _ in MODEL_FILES:
+            if role.endswith("_glb") and (path := publish(role)) is not None:
                 vis.models.append(path)
 
     def nsm() -> None:
-        for role, glb, _ in MODEL_FILES[_THICKNESS_GLBS:]:
-            if role in art and Path(art[role]).is_file():
+        for role, glb, _ in MODEL_FILES:
+            if not role.endswith("_glb") and role in art and Path(art[role]).is_file():
                 vis.models.append(Path(viz.export_nsm_glb(art[role], dest / glb,
                                                           frame=result.view_frame)))
 

@@ -77,16 +77,19 @@ class Outputs:
         return zpath
 
 
-def write_meshes(outputs: Outputs, bone_results: list) -> dict[str, int]:
-    """Bone meshes and their region cartilage meshes; returns file name → region label."""
+def write_meshes(outputs: Outputs, bone_results: list) -> tuple[dict[str, int], dict[str, Path]]:
+    """Bone meshes and their region cartilage meshes. Returns the cartilage files' region labels
+    (file name → label, for the provenance) and the bone meshes by role (``femur_mesh``, …)."""
     index: dict[str, int] = {}
+    bones: dict[str, Path] = {}
     for res in bone_results:
-        outputs.write_mesh(res.bone_mesh, f"{res.spec.name}_mesh.vtk")
+        bones[f"{res.spec.name}_mesh"] = outputs.write_mesh(res.bone_mesh,
+                                                            f"{res.spec.name}_mesh.vtk")
         for i, (label, mesh) in enumerate(res.cartilage_meshes):
             name = f"{res.spec.name}_cart_{i}_mesh.vtk"
             outputs.write_mesh(mesh, name)
             index[name] = int(label)
-    return index
+    return index, bones
 
 
 def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:

@@ -256,7 +256,7 @@ def run(
                 done.append(shape)
 
         with track.stage("Writing results"):
-            mesh_index = package.write_meshes(outputs, bones)
+            mesh_index, mesh_files = package.write_meshes(outputs, bones)
             visuals = viz.stage(out, loaded.stem, bones, seg_c, qc=quality.info["qc"])
             for path in visuals.files.values():
                 outputs.add(path)
@@ -280,7 +280,7 @@ def run(
             zip_path = outputs.zip()
     provenance["stage_seconds"] = track.seconds  # includes the packaging step itself
     artifacts = {role: path for result in done for role, path in result.files.items()}
-    artifacts.update(_mesh_artifacts(bones, out), zip=zip_path)
+    artifacts.update(mesh_files, zip=zip_path)
     images = {"image": loaded.image, **subregions.images, **t2.images}
     return Result(zip_path, out, pd.DataFrame([metrics]), warnings, provenance, outputs.files,
                   artifacts, {role: images[role] for role in RESULT_IMAGES if role in images},
@@ -296,10 +296,6 @@ def _merged_metrics(done: list[StageResult]) -> dict[str, float]:
             raise RuntimeError(f"two stages report {sorted(clash)}")
         metrics.update(result.metrics)
     return metrics
-
-
-def _mesh_artifacts(bones: list, out: Path) -> dict[str, Path]:
-    return {f"{res.spec.name}_mesh": out / f"{res.spec.name}_mesh.vtk" for res in bones}
 
 
 def load_input(input_path, options: Options, echo2_path=None, qdess_params_path=None, *,
