@@ -6,6 +6,7 @@ The page only wires components to ``app_support``; behaviour lives there.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,14 @@ import gradio as gr
 
 from app_support import system, viewers
 from app_support.config import Settings
-from app_support.service import N_BASE_OUTPUTS, NSM_LABELS, AnalysisService, has_rows
+from app_support.service import (
+    N_BASE_OUTPUTS,
+    NSM_LABELS,
+    AnalysisService,
+    duration_text,
+    has_rows,
+)
+from pipeline.errors import PipelineError
 from pipeline.run import Options
 
 ROOT = Path(__file__).resolve().parent
@@ -39,10 +47,6 @@ DISCLAIMER = """> **Research use only.** Not a medical device; results must not 
 """
 CPU_WARNING = """⚠️ **No GPU on this server.** Automatic segmentation runs on the CPU and can
 take many minutes per scan; with your own segmentation a job takes well under a minute."""
-
-
-def _duration(seconds: int) -> str:
-    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds / 60:g} min"
 
 
 def build_demo(settings: Settings | None = None) -> gr.Blocks:
@@ -109,13 +113,24 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
 
     def result(job_id: str):
         """The results of an earlier job, by the id its first Status line gave
-        ("job <ID>"); the same outputs as /analyze. Raises [JOB_RUNNING] (with its position
-        or step) while it is not finished, [JOB_UNKNOWN] for a wrong or expired id.
+        ("job <ID>"); the same outputs as /analyze, also after a server restart. Raises
+        [JOB_RUNNING] (with its position or step) while it is not finished, [JOB_EXPIRED]
+        once its results are gone, [JOB_UNKNOWN] for a wrong id.
 
         Args:
             job_id: the job id (22 characters) from the Status line.
         """
         return service.result(job_id)
+
+    def job_status(job_id: str) -> dict[str, Any]:
+        """Where a job is now: {job_id, state (queued, running, done, refused, failed,
+        expired), position in line, step, progress 0-1, eta_s, code, message, created_utc,
+        started_utc, finished_utc}. Raises [JOB_UNKNOWN] for a wrong id.
+
+        Args:
+            job_id: the job id (22 characters) from the Status line.
+        """
+        return service.status(job_id)
 
     def from_link(request: gr.Request = None) -> tuple:
         # A ``?job=ID`` link: fill the box and show that job's results.
@@ -125,7 +140,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         return (job_id, *service.result_page(job_id))
 
     def health() -> dict[str, Any]:
-        """Version, device/GPU, usable segmentation models, queue length and worker state."""
+        """Version, device/GPU, usable segmentation models, queue, job store and worker."""
         return service.health()
 
     def stats() -> dict[str, Any]:
@@ -135,8 +150,8 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
     with gr.Blocks(title="Knee MRI analysis",
                    delete_cache=(3600, settings.result_ttl_s)) as demo:
         gr.Markdown(INTRO)
-        gr.Markdown(DISCLAIMER.format(ttl=_duration(settings.result_ttl_s),
-                                        orphan=_duration(settings.orphan_upload_s)))
+        gr.Markdown(DISCLAIMER.format(ttl=duration_text(settings.result_ttl_s),
+                                        orphan=duration_text(settings.orphan_upload_s)))
         if service.device_info()["device"] == "cpu":
             gr.Markdown(CPU_WARNING)
         with gr.Row():
@@ -174,8 +189,9 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                     job_box = gr.Textbox(label="Job id", elem_id="knee-job-id",
                                          placeholder="the id after 'job' in Status")
                     fetch_btn = gr.Button("Show results", elem_id="knee-fetch")
-                    gr.Markdown("A job runs to the end even if you close the page; its results "
-                                f"stay available for {_duration(settings.result_ttl_s)} "
+                    gr.Markdown("A job runs to the end even if you close the page or the "
+                                "server restarts; its results "
+                                f"stay available for {duration_text(settings.result_ttl_s)} "
                                 "(also as a link: this page's address + `?job=ID`).")
                 result_api_btn = gr.Button(visible=False)
             with gr.Column(scale=2):
@@ -249,6 +265,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
             upload.upload(service.upload_seen, [upload], None, **quiet)
         demo.unload(service.session_closed)
         demo.load(service.footer, None, footer, **quiet)
+        gr.api(job_status, api_name="status", queue=False)
         gr.api(stats, api_name="stats", queue=False)
         gr.api(health, api_name="health", queue=False)
 
@@ -266,7 +283,7 @@ def launch_options(settings: Settings) -> dict[str, Any]:
     return {
         "server_name": settings.host, "server_port": settings.port,
         "max_file_size": int(settings.max_upload_mb * 1024**2),
-        "allowed_paths": [str(EXAMPLES)],
+        "allowed_paths": [str(EXAMPLES), str(settings.results_dir)],
         "run_history": settings.run_history, "mcp_server": mcp_available(),
     }
 
@@ -284,7 +301,11 @@ def mcp_available() -> bool:
 def main() -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    demo = build_demo()
+    try:
+        demo = build_demo()
+    except PipelineError as exc:  # e.g. a corrupt job store: say why in one line, keep it
+        print(exc, file=sys.stderr)
+        sys.exit(2)
     try:
         demo.launch(**launch_options(demo.knee_settings))
     finally:

@@ -37,18 +37,34 @@ def _data_dir_usable() -> bool:
     return DATA_DIR.is_dir() and os.access(DATA_DIR, os.W_OK | os.X_OK)
 
 
-def default_stats_db() -> Path:
-    """``/data/knee_stats.sqlite`` on persistent storage, else ``./.knee_app/stats.sqlite``."""
+def _state_path(data_name: str, local_name: str) -> Path:
+    """``/data/<data_name>`` on persistent storage, else ``./.knee_app/<local_name>``."""
     if _data_dir_usable():
-        return DATA_DIR / "knee_stats.sqlite"
-    return LOCAL_STATE_DIR / "stats.sqlite"
+        return DATA_DIR / data_name
+    return (LOCAL_STATE_DIR / local_name).resolve()
+
+
+def default_jobs_db() -> Path:
+    """``/data/knee_jobs.sqlite`` on persistent storage, else ``./.knee_app/jobs.sqlite``."""
+    return _state_path("knee_jobs.sqlite", "jobs.sqlite")
+
+
+def default_results_dir() -> Path:
+    """``/data/knee_results`` on persistent storage, else ``./.knee_app/results``."""
+    return _state_path("knee_results", "results")
 
 
 def default_retain_dir() -> Path:
     """``/data/knee_retained`` on persistent storage, else ``./.knee_app/retained``."""
-    if _data_dir_usable():
-        return DATA_DIR / "knee_retained"
-    return LOCAL_STATE_DIR / "retained"
+    return _state_path("knee_retained", "retained")
+
+
+def storage_warning() -> str | None:
+    """Why the state falls back to ``./.knee_app`` although ``/data`` exists (read-only)."""
+    if DATA_DIR.is_dir() and not _data_dir_usable():
+        return (f"{DATA_DIR} is not writable: jobs, results and stats are kept in "
+                f"{LOCAL_STATE_DIR.resolve()} and do not survive a rebuild of this machine.")
+    return None
 
 
 @dataclass(frozen=True)
@@ -59,7 +75,8 @@ class Settings:
     port: int | None  # None: Gradio's default (GRADIO_SERVER_PORT, else first free from 7860)
     max_upload_mb: float
     queue_max: int
-    stats_db: Path
+    jobs_db: Path  # the durable job store (SQLite); usage stats are read from it
+    results_dir: Path  # one folder per job: its inputs while it waits or runs, then its zip
     stats_salt: str | None
     retain_dir: Path
     work_dir: Path  # parent of the per-job output folders
@@ -73,6 +90,8 @@ class Settings:
     orphan_upload_s: int = 1800  # an upload no job used is deleted after this long
     sweep_interval_s: float = 30.0  # how often orphan uploads are looked for
     run_history: bool = False  # Gradio's run-history page (off: medical data)
+    job_lease_s: float = 30.0  # a running job unseen for this long was interrupted
+    storage_warning: str | None = None  # /data exists but is read-only
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -81,7 +100,8 @@ class Settings:
             port=_env_number("KNEE_APP_PORT", None),
             max_upload_mb=_env_number("KNEE_MAX_UPLOAD_MB", 600.0, float),
             queue_max=_env_number("KNEE_QUEUE_MAX", 8) or 8,
-            stats_db=Path(_env_str("KNEE_STATS_DB") or default_stats_db()),
+            jobs_db=Path(_env_str("KNEE_JOBS_DB") or default_jobs_db()).resolve(),
+            results_dir=Path(_env_str("KNEE_RESULTS_DIR") or default_results_dir()).resolve(),
             stats_salt=_env_str("KNEE_STATS_SALT"),
             retain_dir=Path(_env_str("KNEE_RETAIN_DIR") or default_retain_dir()),
             work_dir=Path(_env_str("KNEE_WORK_DIR") or tempfile.gettempdir()),
@@ -97,6 +117,8 @@ class Settings:
             orphan_upload_s=_env_number("KNEE_ORPHAN_UPLOAD_S", 1800) or 1800,
             sweep_interval_s=_env_number("KNEE_SWEEP_INTERVAL_S", 30.0, float) or 30.0,
             run_history=_env_bool("KNEE_RUN_HISTORY"),
+            job_lease_s=_env_number("KNEE_JOB_LEASE_S", 30.0, float) or 30.0,
+            storage_warning=storage_warning(),
         )
 
     def pin_gradio_temp_dir(self) -> None:

@@ -1,10 +1,11 @@
-"""Per-job folders, deleting uploads safely, publishing the zip, and research retention.
+"""Scratch folders, deleting uploads safely, and research retention.
 
 Privacy rule: when a job ends (success or failure) nothing derived from the upload's pixels
-stays on disk except the results zip the user downloads and the page's pictures and 3-D models
-published beside it (thickness GLBs, thickness map, colour legend: meshes and measurements, no
-image data; all expired by Gradio after ``KNEE_RESULT_TTL_S``) and, with consent, the derived
-files copied by ``retain_derived``. The slice viewer's image data stays in memory only.
+stays on disk except the results zip the user downloads (in the job's folder, see
+``job_files``, until ``KNEE_RESULT_TTL_S``), the page's pictures and 3-D models published in
+Gradio's cache (thickness GLBs, thickness map, colour legend: meshes and measurements, no image
+data; expired by Gradio after ``KNEE_RESULT_TTL_S``) and, with consent, the derived files copied
+by ``retain_derived``. The slice viewer's image data stays in memory only.
 
 Gradio stores uploads content-addressed (``<cache>/<sha256>/<name>``), so byte-identical
 uploads from different people are ONE file. ``UploadRefs`` deletes such a file only when no
@@ -31,7 +32,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-RESULT_PREFIX = "knee_result_"  # published zips: <gradio cache>/knee_result_XXXX/<stem>_results.zip
+RESULT_PREFIX = "knee_result_"  # a page job's viewers: <gradio cache>/knee_result_XXXX/
 
 # What research retention may keep: derived label maps, meshes, metrics and provenance.
 _RETAIN_PATTERNS = (
@@ -254,26 +255,14 @@ class Sweeper:
 
 
 @contextmanager
-def job_folder(parent: str | os.PathLike) -> Iterator[Path]:
-    """A fresh output folder for one job, removed with everything in it at the end."""
+def job_folder(parent: str | os.PathLike, prefix: str = "knee_app_job_") -> Iterator[Path]:
+    """A fresh scratch folder for one job, removed with everything in it at the end."""
     Path(parent).mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="knee_app_job_", dir=parent))
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def publish_result(zip_path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
-    """Move the zip into Gradio's cache so the job folder can go before the output is sent.
-
-    Gradio serves a file already inside its cache as is and adds it to the files
-    ``delete_cache`` expires, so the zip lives exactly as long as any other result.
-    """
-    dest_dir = Path(tempfile.mkdtemp(prefix=RESULT_PREFIX, dir=cache_dir))
-    dest = dest_dir / Path(zip_path).name
-    shutil.move(os.fspath(zip_path), dest)
-    return dest
 
 
 def _without_stem(name: str, stem: str) -> str:

@@ -1,19 +1,23 @@
-"""The app's behaviour behind the page: submit and follow jobs, ``/result``, ``/stats``,
-``/health``, and the uploads' lifecycle.
+"""The app's behaviour behind the page: submit and follow jobs, ``/result``, ``/status``,
+``/stats``, ``/health``, and the uploads' lifecycle.
 
-A Gradio event only *submits* a job (after checking the image and the options) and then
-*follows* it, streaming the status; the job itself runs in the ``JobManager``'s thread, which
-hands it to the pipeline's worker process. A client that leaves stops only the following.
+A Gradio event only *submits* a job (after checking the image and the options: an
+``AnalysisRequest`` in the durable job store, with the job's own copies of the uploads) and then
+*follows* it, streaming the status; the job itself runs in a ``JobManager`` runner thread, which
+hands it to the pipeline's worker process. A client that leaves stops only the following; a
+server that stops leaves the job in the store, where the next start finds it. Every output is
+rendered from the job's ``JobOutcome``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +27,26 @@ import pandas as pd
 import pipeline
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.inputs import check_format
-from pipeline.run import NSM_CHOICES, Options, Result, Step
+from pipeline.run import NSM_CHOICES, Result, Step
 
 from . import jobs, system, tables, visuals
 from . import viewers as result_viewers
 from .config import Settings
-from .manager import DONE, FAILED, QUEUED, Job, JobManager, about, ordinal
+from .job_files import JobFiles, stray_folders
+from .manager import Job, JobManager, about, new_job_id, ordinal
+from .records import (
+    DONE,
+    EXPIRED,
+    QUEUED,
+    RUNNING,
+    AnalysisRequest,
+    JobOutcome,
+    table_frame,
+    table_record,
+)
 from .runner import make_runner
-from .stats import StatsDB, footer_markdown
+from .stats import UserHasher, footer_markdown, salt_file_of
+from .store import JobStore, utc_iso
 from .worker import Failure, JobSpec
 
 log = logging.getLogger(__name__)
@@ -42,38 +58,29 @@ N_BASE_OUTPUTS = 8
 POLL_S = 1.0  # a following handler yields at least this often, so a closed client frees it
 
 
-@dataclass
-class JobRequest:
-    """One submitted analysis, as the job manager's thread runs it."""
-
-    image: str
-    segmentation: str | None
-    options: Options
-    consent: bool
-    page: bool  # the page's job: viewers too, and uploads kept after a failure for a retry
-    notes: list[str]
-    lease: jobs.Lease
-    user_hash: str | None
-    record: dict[str, Any] = field(default_factory=dict)
-    submitted_utc: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-
-
 class AnalysisService:
-    """Settings, stats, uploads and the job queue of one app."""
+    """Settings, the job store and queue, uploads and usage figures of one app."""
 
     def __init__(self, settings: Settings, protected_files: list[Path] | None = None,
                  start_worker: bool = True):
         self.settings = settings
-        self.stats = StatsDB(settings.stats_db, settings.stats_salt)
+        if settings.storage_warning:
+            log.warning(settings.storage_warning)
+        # A corrupt or foreign store refuses the start (JOB_STORE_INVALID) before anything runs.
+        self.store = JobStore(settings.jobs_db, lease_s=settings.job_lease_s)
+        self.user_hash = UserHasher(salt_file_of(settings.jobs_db), settings.stats_salt)
         self.uploads = jobs.UploadRefs(settings.gradio_temp_dir, protected_files or [])
+        self._leases: dict[str, jobs.Lease] = {}  # page jobs' uploads, kept for a retry
         self.runner = make_runner(settings.zero_gpu, settings.gpu_duration_s)
         if start_worker:
             try:
                 self.runner.start()  # imports the pipeline now, not in the first user's job
             except Exception:
                 log.exception("the pipeline worker did not start; retrying with the first job")
-        self.jobs = JobManager(self._execute, settings.queue_max, settings.result_ttl_s,
+        self.jobs = JobManager(self.store, self._execute, settings.queue_max,
                                on_end=self._job_ended)
+        self._clean_leftovers()
+        self.jobs.start()
         self.demo: gr.Blocks | None = None
         self.last_visual_seconds: float | None = None  # viewer preparation of the last job
         # Published files a page may never request (e.g. a bone's GLB nobody selected): handed
@@ -90,7 +97,8 @@ class AnalysisService:
             file_sets.append(self.published)
 
     def close(self) -> None:
-        """Stop the sweeper, the queue's thread and the worker (tests, shutdown)."""
+        """Stop the sweeper, the queue's threads and the worker (tests, shutdown). Jobs still
+        queued or running stay in the store for the next start."""
         self._sweeper.stop()
         self.jobs.shutdown()
         self.runner.stop()
@@ -105,32 +113,40 @@ class AnalysisService:
     def submit(self, image: str | None, segmentation: str | None, model: str | None,
                shape_model: str, cart_smooth: float, email: str | None, consent: bool,
                session: str | None = None, *, page: bool = False) -> Job:
-        """Check the request (image format first, then options) and queue it. A refusal is
-        counted in the stats; the page's uploads stay for a retry without re-upload, an API
-        call's are deleted (a client uploads its files again with every call)."""
+        """Check the request (image format first, then options) and queue it with the job's
+        own copies of the uploads. A refusal is counted in the stats; the page's uploads stay
+        for a retry without re-upload, an API call's are deleted (a client uploads its files
+        again with every call)."""
         self.uploads.register([image, segmentation], session)
-        started = datetime.now(timezone.utc)
-        record = {"seg_source": "upload" if segmentation else "model", "nsm": shape_model}
-        user_hash = self.stats.user_hash(email)
+        seg_source = "upload" if segmentation else "model"
+        user_hash = self.user_hash(email)
+        job_id = new_job_id()
         try:
-            options, notes = self._checked(image, segmentation, model, shape_model, cart_smooth)
+            request = self._checked(image, segmentation, model, shape_model, cart_smooth)
+            request.consent, request.page = bool(consent), page
+            request.user_hash, request.seg_source = user_hash, seg_source
+            files = JobFiles(self.settings.results_dir, job_id)
+            request.image, request.segmentation = files.take_inputs([image, segmentation])
+            request.uploads = [p for p in (image, segmentation) if p]
             lease = self.uploads.acquire([image, segmentation])
             try:
-                return self.jobs.submit(JobRequest(
-                    image, segmentation, options, bool(consent), page, notes, lease,
-                    user_hash, record, started))
+                job = self.jobs.submit(job_id, request)
             except PipelineError:
-                self.uploads.release(lease, delete=False)
+                files.remove()
+                self.uploads.release(lease, delete=not page)
                 raise
         except PipelineError as exc:
-            self._record(started, 0.0, ok=False, code=exc.code.value, user_hash=user_hash,
-                         **record)
+            self._record_refusal(exc, user_hash, seg_source, shape_model)
             if not page:
                 self.uploads.release(self.uploads.acquire([image, segmentation]))
             raise
+        # Held until the job ends (identical uploads of other events share the file), then
+        # deleted; a failed page job keeps them for a retry.
+        self._leases[job.id] = lease
+        return job
 
     def _checked(self, image, segmentation, model, shape_model, cart_smooth
-                 ) -> tuple[Options, list[str]]:
+                 ) -> AnalysisRequest:
         if not image:
             raise PipelineError(ErrorCode.INVALID_PARAMETERS, "upload an MRI image first.")
         max_bytes = int(self.settings.max_upload_mb * 1024**2)
@@ -160,22 +176,33 @@ class AnalysisService:
         except (TypeError, ValueError):
             raise PipelineError(ErrorCode.INVALID_PARAMETERS,
                                 "cartilage smoothing must be a number") from None
-        options = Options(model=None if segmentation else chosen, cart_smooth_var=smooth,
-                          nsm=shape_model or "none", max_mb=self.settings.max_upload_mb)
-        return options, notes
+        request = AnalysisRequest(image, segmentation, model=None if segmentation else chosen,
+                                  shape_model=shape_model or "none", cart_smooth_var=smooth,
+                                  max_mb=self.settings.max_upload_mb, notes=notes)
+        request.options()  # the pipeline's own checks, now rather than in the job
+        return request
+
+    def _record_refusal(self, exc: PipelineError, user_hash: str | None, seg_source: str,
+                        nsm: str | None) -> None:
+        try:
+            self.store.add_refusal(new_job_id(), exc.code.value, exc.message,
+                                   user_hash=user_hash, seg_source=seg_source, nsm=nsm)
+        except Exception:  # stats must never change the answer
+            log.exception("could not record a refusal")
 
     # ------------------------------------------------------------------ running (job thread)
 
-    def _execute(self, job: Job, on_step) -> tuple[tuple, Any]:
-        """The manager's work for one job: the pipeline in the worker, then the outputs."""
-        req: JobRequest = job.request
-        with jobs.job_folder(self.settings.work_dir) as folder:
+    def _execute(self, job: Job, req: AnalysisRequest, on_step) -> tuple[JobOutcome, Any]:
+        """The manager's work for one job: the pipeline in the worker, the zip into the job's
+        folder, then the outcome (and the page's viewers)."""
+        files = JobFiles(self.settings.results_dir, job.id)
+        with jobs.job_folder(self.settings.work_dir, prefix=scratch_prefix(job.id)) as folder:
             out_dir, tmp_dir = folder / "out", folder / "tmp"
             out_dir.mkdir()
             tmp_dir.mkdir()
-            jobs.sweep_result_dirs(self.settings.gradio_temp_dir, self.settings.result_ttl_s)
-            spec = JobSpec(req.image, req.segmentation, str(out_dir), str(tmp_dir), req.options,
-                           keep_images=req.page)
+            spec = JobSpec(str(files.path(req.image)),
+                           str(files.path(req.segmentation)) if req.segmentation else None,
+                           str(out_dir), str(tmp_dir), req.options(), keep_images=req.page)
 
             def step(event: Step) -> None:
                 on_step(f"[{event.index}/{event.total}] {event.name}", event.fraction)
@@ -190,27 +217,28 @@ class AnalysisService:
             result: Result = outcome
             seconds = round(time.monotonic() - t0, 1)
             retained = self._retain(result) if req.consent else None
-            req.record["retained"] = retained is not None
-            zip_path = jobs.publish_result(result.zip_path, self.settings.gradio_temp_dir)
+            zip_name = files.store_zip(result.zip_path)
             vis = None
             if req.page:
-                # Before the folder goes: pictures and GLBs move next to the zip; the slice
-                # viewer's arrays come from the result's images.
-                vis = visuals.collect(result, zip_path.parent,
-                                      max_voxels=self.settings.viewer_max_voxels)
-                self.published.update(os.fspath(p) for p in zip_path.parent.iterdir())
+                # Before the folder goes: pictures and GLBs move to a folder of Gradio's cache;
+                # the slice viewer's arrays come from the result's images.
+                shown = Path(tempfile.mkdtemp(prefix=jobs.RESULT_PREFIX,
+                                              dir=self.settings.gradio_temp_dir))
+                vis = visuals.collect(result, shown, max_voxels=self.settings.viewer_max_voxels)
+                self.published.update(os.fspath(p) for p in shown.iterdir())
                 self.last_visual_seconds = vis.seconds
                 log.info("viewers prepared in %.2f s %s", vis.seconds, vis.timings)
-        done = " ".join([f"Done in {seconds:.1f} s.", *req.notes]
-                        + (["Derived results retained for research."] if retained else []))
-        outputs = (
-            done, str(zip_path),
-            tables.thickness_table(result.metrics), tables.t2_table(result.metrics),
-            tables.shape_table(result.metrics),
-            tables.warnings_markdown([*result.warnings, *(vis.notes if vis else [])]),
-            seconds, dict(result.provenance),
-        )
-        return outputs, vis
+        status = " ".join([f"Done in {seconds:.1f} s.", *req.notes]
+                          + (["Derived results retained for research."] if retained else []))
+        outcome = JobOutcome(
+            DONE, status=status,
+            thickness=table_record(tables.thickness_table(result.metrics)),
+            t2=table_record(tables.t2_table(result.metrics)),
+            shape=table_record(tables.shape_table(result.metrics)),
+            warnings=tables.warnings_markdown([*result.warnings, *(vis.notes if vis else [])]),
+            seconds=seconds, provenance=dict(result.provenance), zip_name=zip_name,
+            retained=retained is not None)
+        return outcome, vis
 
     def _retain(self, result: Result) -> str | None:
         try:
@@ -221,24 +249,46 @@ class AnalysisService:
             log.exception("research retention failed")  # the user's result still counts
             return None
 
-    def _job_ended(self, job: Job, state: str, error: tuple[str, str] | None,
-                   finished: float) -> None:
-        """Stats, and the uploads: deleted after a finished job; after a failed page job kept
-        for a retry (the session's end or the orphan sweep deletes them if nobody does)."""
-        req: JobRequest = job.request
-        self.uploads.release(req.lease, delete=state == DONE or not req.page)
-        self._record(req.submitted_utc, finished - (job.started or finished), ok=state == DONE,
-                     code=error[0] if error else None, user_hash=req.user_hash, **req.record)
+    def _job_ended(self, job: Job, req: AnalysisRequest | None) -> None:
+        """The job's own copies of the uploads go; a job without results loses its folder.
+        A page's uploads: deleted after a done job; after a failed one kept for a retry (the
+        session's end or the orphan sweep deletes them if nobody does)."""
+        files = JobFiles(self.settings.results_dir, job.id)
+        row = self.store.get(job.id)
+        if row is not None and row.state == DONE:
+            files.drop_inputs()
+        else:
+            files.remove()
+        lease = self._leases.pop(job.id, None)
+        if lease is not None:
+            self.uploads.release(lease, delete=row is not None and (row.state == DONE
+                                                                    or not req or not req.page))
 
-    def _record(self, started: datetime, seconds: float, *, ok: bool, code: str | None = None,
-                user_hash: str | None = None, seg_source: str | None = None,
-                nsm: str | None = None, retained: bool = False) -> None:
-        try:
-            self.stats.record(started=started, seconds=seconds, ok=ok, error_code=code,
-                              user_hash=user_hash, seg_source=seg_source, nsm=nsm,
-                              retained=retained)
-        except Exception:  # stats must never fail a job
-            log.exception("could not record usage stats")
+    def _clean_leftovers(self) -> None:
+        """After a stop: the uploads of the jobs it left (each job has its own copies, and no
+        page or event of the old process is left to use them), scratch folders of jobs that
+        are not running here, and result folders of no job (a crash between the folder and
+        its row)."""
+        for job_id in [*self.jobs.recovered, *(j.id for j in self.store.active())]:
+            row = self.store.get(job_id)
+            if row is not None and row.request is not None:
+                self.uploads.release(self.uploads.acquire(row.request.uploads))
+        running = self.store.ids_in((RUNNING,))  # by another live front end, if any
+        work = Path(self.settings.work_dir)
+        if work.is_dir():
+            for d in work.glob(SCRATCH_PREFIX + "*"):
+                m = _SCRATCH_ID.match(d.name)
+                if m and m.group(1) not in running:
+                    shutil.rmtree(d, ignore_errors=True)
+        known = self.store.ids_in((QUEUED, RUNNING, DONE))
+        for d in stray_folders(self.settings.results_dir, known):
+            shutil.rmtree(d, ignore_errors=True)
+        self._expire()
+
+    def _expire(self) -> None:
+        for job_id in self.store.expire(self.settings.result_ttl_s):
+            JobFiles(self.settings.results_dir, job_id).remove()
+            log.info("results of job %s expired", job_id)
 
     # ------------------------------------------------------------------ following
 
@@ -248,9 +298,11 @@ class AnalysisService:
             pos = self.jobs.position(job)
             return (f"job {job.id} · {ordinal(pos)} in line, {about(self.jobs.eta_s(job))} "
                     "(it runs even if you close this page)")
-        if job.state == DONE:
-            return f"{job.outputs[0]} (job {job.id})"
-        if job.state == FAILED:
+        if job.state == DONE and job.outcome is not None:
+            return f"{job.outcome.status} (job {job.id})"
+        if job.state == EXPIRED:
+            return f"Failed: [{ErrorCode.JOB_EXPIRED.value}] {self._expired_text(job)}"
+        if job.error is not None:
             code, message = job.error
             return f"Failed: [{code}] {message} (job {job.id})"
         step = job.step or "Starting"
@@ -278,8 +330,7 @@ class AnalysisService:
             job = self.submit(image, segmentation, segmentation_model, shape_model,
                               cartilage_smoothing, email, research_consent, _session(request))
         except PipelineError as exc:
-            raise gr.Error(f"[{exc.code.value}] {exc.message}", duration=None,
-                           print_exception=False) from None
+            raise _error(exc.code.value, exc.message) from None
         yield (self.status_text(job), *empty_outputs()[1:])
         yield from self.follow(job, progress, N_BASE_OUTPUTS)
         yield self.final_outputs(job)
@@ -308,30 +359,37 @@ class AnalysisService:
             yield (self.status_text(job), *(gr.skip(),) * (N_BASE_OUTPUTS - 1 + n_view))
 
     def final_outputs(self, job: Job) -> tuple:
-        """The 8 outputs of a finished job; a failed one raises its ``gr.Error``."""
-        if job.state == FAILED:
-            code, message = job.error
-            raise gr.Error(f"[{code}] {message}", duration=None, print_exception=False)
-        return (self.status_text(job), *job.outputs[1:])
+        """The 8 outputs of an ended job, rendered from its outcome; a job without results
+        raises its ``gr.Error``."""
+        if job.state == EXPIRED:
+            raise _error(ErrorCode.JOB_EXPIRED.value, self._expired_text(job))
+        if job.error is not None or job.outcome is None:
+            code, message = job.error or (ErrorCode.INTERNAL.value, "the job has no outcome")
+            raise _error(code, message)
+        out = job.outcome
+        zip_path = JobFiles(self.settings.results_dir, job.id).path(out.zip_name)
+        if zip_path is None or not zip_path.is_file():
+            raise _error(ErrorCode.JOB_EXPIRED.value, self._expired_text(job))
+        return (self.status_text(job), str(zip_path), table_frame(out.thickness),
+                table_frame(out.t2), table_frame(out.shape), out.warnings, out.seconds,
+                out.provenance)
+
+    def _expired_text(self, job: Job) -> str:
+        return (f"the results of job {job.id} have expired (they are kept "
+                f"{duration_text(self.settings.result_ttl_s)} after the job).")
 
     def result(self, job_id: str) -> tuple:
-        """``/result``: a finished job's outputs, or JOB_RUNNING / JOB_UNKNOWN."""
+        """``/result``: an ended job's outputs, or JOB_RUNNING / JOB_EXPIRED / JOB_UNKNOWN."""
         job = self.jobs.get(job_id or "")
         if job is None:
-            raise gr.Error(
-                f"[{ErrorCode.JOB_UNKNOWN.value}] no job {job_id!r} on this server: the id is "
-                f"wrong, or its results expired ({self.settings.result_ttl_s // 3600} h after "
-                "the job) or the server restarted.", duration=None, print_exception=False)
+            raise _error(ErrorCode.JOB_UNKNOWN.value,
+                         f"no job {job_id!r} on this server: the id is wrong.")
         if not job.ended:
             where = (f"{ordinal(self.jobs.position(job))} in line" if job.state == QUEUED
                      else f"running {job.step or 'Starting'} ({job.fraction:.0%})")
-            raise gr.Error(
-                f"[{ErrorCode.JOB_RUNNING.value}] job {job.id} is not finished: {where}, "
-                f"{about(self.jobs.eta_s(job))} left. Ask again later.", duration=None,
-                print_exception=False)
-        if job.outputs is not None and not Path(job.outputs[1]).is_file():
-            raise gr.Error(f"[{ErrorCode.JOB_UNKNOWN.value}] the results of job {job.id} have "
-                           "expired.", duration=None, print_exception=False)
+            raise _error(ErrorCode.JOB_RUNNING.value,
+                         f"job {job.id} is not finished: {where}, "
+                         f"{about(self.jobs.eta_s(job))} left. Ask again later.")
         return self.final_outputs(job)
 
     def result_page(self, job_id: str) -> tuple:
@@ -340,6 +398,30 @@ class AnalysisService:
             return self.result(job_id)
         except gr.Error as exc:
             return (f"Failed: {exc.message}", *(gr.skip(),) * (N_BASE_OUTPUTS - 1))
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        """``/status``: where a job is, as JSON (never raises for a known id)."""
+        job = self.jobs.get(job_id or "")
+        if job is None:
+            raise _error(ErrorCode.JOB_UNKNOWN.value,
+                         f"no job {job_id!r} on this server: the id is wrong.")
+        code, message = job.error or (None, "")
+        if job.state == EXPIRED:
+            code, message = ErrorCode.JOB_EXPIRED.value, self._expired_text(job)
+        progress = {QUEUED: 0.0, RUNNING: float(job.fraction)}.get(job.state, 1.0)
+        return {
+            "job_id": job.id,
+            "state": job.state,
+            "position": self.jobs.position(job),
+            "step": job.step if job.state == RUNNING else "",
+            "progress": round(progress, 3),
+            "eta_s": round(self.jobs.eta_s(job), 1),
+            "code": code,
+            "message": message,
+            "created_utc": utc_iso(job.created),
+            "started_utc": utc_iso(job.started),
+            "finished_utc": utc_iso(job.finished),
+        }
 
     # ------------------------------------------------------------------ uploads
 
@@ -358,23 +440,25 @@ class AnalysisService:
     def _sweep(self) -> None:
         self.uploads.sweep_orphans(self.settings.orphan_upload_s)
         jobs.sweep_result_dirs(self.settings.gradio_temp_dir, self.settings.result_ttl_s)
+        self._expire()
 
     # ------------------------------------------------------------------ status endpoints
 
     def stats_summary(self) -> dict:
         """Usage totals: processed (all time, today UTC), failures by code, typical run time."""
-        return self.stats.summary()
+        return self.store.summary()
 
     def footer(self) -> str:
         try:
-            return footer_markdown(self.stats.summary())
+            return footer_markdown(self.store.summary())
         except Exception:
             log.exception("stats unavailable")
             return ""
 
     def health(self) -> dict:
-        """Version, device, usable models, queue length and the worker's state."""
+        """Version, device, usable models, queue, job store and the worker's state."""
         dev = self.device_info()
+        counts = self.jobs.counts()
         return {
             "status": "ok",
             "version": pipeline.__version__,
@@ -383,9 +467,33 @@ class AnalysisService:
             "gpu": dev["gpu"],
             "zero_gpu": self.settings.zero_gpu,
             "models": [m.id for m in system.model_choices()],
-            "queue": {**self.jobs.counts(), "max_size": self.settings.queue_max},
+            "queue": {"waiting": counts["waiting"], "running": counts["running"],
+                      "max_size": self.settings.queue_max},
+            "store": {"db": str(self.settings.jobs_db),  # not "path": clients read that as a file
+                      "results_dir": str(self.settings.results_dir),
+                      "queued": counts["waiting"], "running": counts["running"],
+                      "oldest_queued_age_s": counts["oldest_queued_age_s"],
+                      "warning": self.settings.storage_warning},
             "worker": {"pid": self.runner.pid, "starts": self.runner.starts},
         }
+
+
+SCRATCH_PREFIX = "knee_app_job_"
+_SCRATCH_ID = re.compile(re.escape(SCRATCH_PREFIX) + r"([A-Za-z0-9_-]{22})_")
+
+
+def scratch_prefix(job_id: str) -> str:
+    """Prefix of a job's scratch folder: the id in it lets a restart delete a dead run's."""
+    return f"{SCRATCH_PREFIX}{job_id}_"
+
+
+def duration_text(seconds: float) -> str:
+    """'24 h', '30 min'."""
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds / 60:g} min"
+
+
+def _error(code: str, message: str) -> gr.Error:
+    return gr.Error(f"[{code}] {message}", duration=None, print_exception=False)
 
 
 def _session(request: gr.Request | None) -> str | None:

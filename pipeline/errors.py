@@ -32,7 +32,10 @@ class ErrorCode(str, Enum):
     TIMEOUT = "TIMEOUT"  # a job ran past its time limit and was stopped
     WORKER_CRASHED = "WORKER_CRASHED"  # the analysis process died (native crash, OOM kill)
     JOB_RUNNING = "JOB_RUNNING"  # results asked for before the job ended
-    JOB_UNKNOWN = "JOB_UNKNOWN"  # no such job (never existed, or its results expired)
+    JOB_UNKNOWN = "JOB_UNKNOWN"  # no such job on this server (a wrong id)
+    JOB_EXPIRED = "JOB_EXPIRED"  # the job's results were kept KNEE_RESULT_TTL_S and are gone
+    JOB_STORE_INVALID = "JOB_STORE_INVALID"  # the app's job store is corrupt or not its own
+    DISK_FULL = "DISK_FULL"  # no space left to write a job's results
     INVALID_MANIFEST = "INVALID_MANIFEST"  # a cohort manifest that cannot be run as given
     INTERNAL = "INTERNAL"
 

@@ -25,11 +25,23 @@ def shared_fixture(*parts: str) -> Path:
     return path
 
 
+def regzip(src: Path, dest: Path) -> Path:
+    """Same image, different bytes (gzip header mtime): a 'user' upload, never the protected
+    example file Gradio caches at the same content-addressed path."""
+    import gzip
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(gzip.compress(gzip.decompress(src.read_bytes()), compresslevel=6, mtime=1))
+    return dest
+
+
 def isolate_app_env(tmp_path: Path, monkeypatch) -> None:
-    """Point the app's settings (stats DB, retention, work and Gradio folders) into tmp_path."""
+    """Point the app's settings (job store, results, retention, work and Gradio folders)
+    into tmp_path."""
     for name in ("KNEE_APP_HOST", "KNEE_APP_PORT", "KNEE_STATS_SALT", "SPACES_ZERO_GPU"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("KNEE_STATS_DB", str(tmp_path / "stats.sqlite"))
+    monkeypatch.setenv("KNEE_JOBS_DB", str(tmp_path / "jobs.sqlite"))
+    monkeypatch.setenv("KNEE_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("KNEE_RETAIN_DIR", str(tmp_path / "retained"))
     monkeypatch.setenv("KNEE_WORK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))

@@ -8,7 +8,6 @@ an upload of the same bytes gets).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ import requests
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
+from conftest import regzip  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
@@ -61,9 +61,7 @@ def _files(root: Path) -> list[Path]:
 
 
 def _regzip(src: Path, dest: Path) -> Path:
-    """Same image, different bytes (gzip header mtime), so it is a 'user' upload."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(gzip.compress(gzip.decompress(src.read_bytes()), compresslevel=6, mtime=1))
+    regzip(src, dest)
     assert _sha(dest) != _sha(src)
     return dest
 
@@ -78,6 +76,7 @@ class App:
     work_dir: Path
     tmp_dir: Path
     retain_dir: Path
+    results_dir: Path
     image: Path  # user copy of the example image
     seg: Path  # user copy of the example segmentation
 
@@ -93,6 +92,7 @@ class App:
         """No copy of the uploads, no job folder and no intermediate image left anywhere."""
         assert self.files_with({_sha(p) for p in uploads}) == []
         assert list(self.work_dir.iterdir()) == [], "job folders left behind"
+        assert list(self.results_dir.rglob("inputs")) == [], "job inputs left behind"
         left = [p.name for p in self.tmp_dir.iterdir() if p.name.startswith("knee_")]
         assert left == [], f"pipeline temp folders left behind: {left}"
         examples = {_sha(EXAMPLE_IMAGE), _sha(EXAMPLE_SEG)}
@@ -109,13 +109,15 @@ class App:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory) -> App:
     root = tmp_path_factory.mktemp("knee_app")
-    dirs = {name: root / name for name in ("gradio", "work", "tmp", "retained", "dl")}
+    dirs = {name: root / name for name in ("gradio", "work", "tmp", "retained", "dl",
+                                           "results")}
     for d in dirs.values():
         d.mkdir()
     mp = pytest.MonkeyPatch()
     mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     mp.setenv("GRADIO_TEMP_DIR", str(dirs["gradio"]))
-    mp.setenv("KNEE_STATS_DB", str(root / "stats.sqlite"))
+    mp.setenv("KNEE_JOBS_DB", str(root / "jobs.sqlite"))
+    mp.setenv("KNEE_RESULTS_DIR", str(dirs["results"]))
     mp.setenv("KNEE_RETAIN_DIR", str(dirs["retained"]))
     mp.setenv("KNEE_WORK_DIR", str(dirs["work"]))
     mp.setenv("KNEE_QUEUE_MAX", "12")
@@ -137,7 +139,7 @@ def app(tmp_path_factory) -> App:
         user = root / "user"
         yield App(
             client, demo, url.rstrip("/"), root, dirs["gradio"], dirs["work"], dirs["tmp"],
-            dirs["retained"], _regzip(EXAMPLE_IMAGE, user / "subject.nii.gz"),
+            dirs["retained"], dirs["results"], _regzip(EXAMPLE_IMAGE, user / "subject.nii.gz"),
             _regzip(EXAMPLE_SEG, user / "subject_seg.nii.gz"),
         )
     finally:
@@ -442,18 +444,37 @@ def test_timeout_then_worker_killed_then_next_job_succeeds(app: App) -> None:
         service.settings = settings
     # An API client re-sends its files on a retry, so a failed API job deletes its uploads now.
     assert not app.files_with({_sha(app.image), _sha(app.seg)})
+    # A worker killed mid-job: the job runs again once (acks_late), then WORKER_CRASHED.
     job = app.analyze(app.image, app.seg)
-    _wait_until(lambda: any(isinstance(o[0], str) and "[3/9]" in o[0]
-                            for o in job.outputs()), 120, every=0.2)
-    pid = app.client.predict(api_name="/health")["worker"]["pid"]
-    os.kill(pid, signal.SIGKILL)
-    with pytest.raises(AppError, match=r"\[WORKER_CRASHED\].*SIGKILL"):
+    job_id = _job_id_of(job)
+    pids = []
+    for attempt in (1, 2):
+        _wait_until(lambda a=attempt: _attempt_running(app, job_id, a), 120, every=0.1)
+        pids.append(app.client.predict(api_name="/health")["worker"]["pid"])
+        os.kill(pids[-1], signal.SIGKILL)
+    with pytest.raises(AppError, match=r"\[WORKER_CRASHED\].*SIGKILL.*interrupted 2 times"):
         job.result(timeout=120)
+    pid = pids[-1]
+    assert pids[0] != pids[1]
     out = app.analyze(app.image, app.seg).result(timeout=240)  # a new worker takes over
     assert out[0].startswith("Done")
     health = app.client.predict(api_name="/health")
     assert health["worker"]["pid"] != pid and health["worker"]["starts"] >= 3
     app.assert_clean([app.image, app.seg])
+
+
+def _job_id_of(job) -> str:
+    def first():
+        outs = [o[0] for o in job.outputs() if o and isinstance(o[0], str)]
+        return outs[0].split()[1] if outs and outs[0].startswith("job ") else None
+    return _wait_until(first, 60, every=0.1)
+
+
+def _attempt_running(app: App, job_id: str, attempt: int) -> bool:
+    """The job is past loading in its ``attempt``-th run (read from the job store)."""
+    row = app.demo.knee_service.store.get(job_id)
+    return (row is not None and row.state == "running" and row.attempts == attempt
+            and row.step.startswith(("[3/9]", "[4/9]", "[5/9]")))
 
 
 def test_twelve_clients_at_once_all_done_one_at_a_time(app: App) -> None:

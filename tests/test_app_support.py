@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import sqlite3
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +14,6 @@ from conftest import FakeRunner, isolate_app_env
 
 from app_support import jobs, tables
 from app_support.config import Settings
-from app_support.stats import StatsDB, footer_markdown
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.labels import REGION_KEYS, T2_REGION_KEYS
 from pipeline.run import Step
@@ -68,41 +65,6 @@ def test_warnings_markdown() -> None:
     assert "No warnings" in tables.warnings_markdown([])
     md = tables.warnings_markdown(["a", "b"])
     assert "Warnings (2)" in md and "- a" in md
-
-
-# ---------------------------------------------------------------- stats
-
-
-def test_stats_persist_and_count(tmp_path: Path) -> None:
-    db = tmp_path / "s" / "stats.sqlite"
-    stats = StatsDB(db)
-    now = datetime.now(timezone.utc)
-    stats.record(started=now, seconds=10, ok=True, user_hash=stats.user_hash("A@x.org "))
-    stats.record(started=now, seconds=20, ok=True, user_hash=stats.user_hash("a@x.org"))
-    stats.record(started=now - timedelta(days=2), seconds=30, ok=True)
-    stats.record(started=now, seconds=1, ok=False, error_code="INVALID_FORMAT")
-    stats.record(started=now, seconds=1, ok=False, error_code="INTERNAL")
-    again = StatsDB(db)  # a restart: same file, same salt
-    summary = again.summary()
-    assert summary == {
-        "total_processed": 3, "processed_today": 2, "failed_total": 2,
-        "failures_by_code": {"INTERNAL": 1, "INVALID_FORMAT": 1},
-        "avg_seconds_last_20": 20.0, "unique_users": 1,
-    }
-    assert again.user_hash("a@x.org") == stats.user_hash("a@x.org")
-    assert "3 analyses processed" in footer_markdown(summary)
-
-
-def test_stats_store_no_email_and_salt_is_private(tmp_path: Path) -> None:
-    stats = StatsDB(tmp_path / "stats.sqlite")
-    h = stats.user_hash("someone@example.org")
-    stats.record(started=datetime.now(timezone.utc), seconds=1, ok=True, user_hash=h)
-    dump = "\n".join(sqlite3.connect(tmp_path / "stats.sqlite").iterdump())
-    assert "someone" not in dump and h in dump
-    salt = tmp_path / "stats.sqlite.salt"
-    assert salt.exists() and (salt.stat().st_mode & 0o077) == 0
-    assert StatsDB(tmp_path / "other.sqlite").user_hash("someone@example.org") != h
-    assert StatsDB(tmp_path / "x.sqlite", salt="fixed").user_hash("") is None
 
 
 # ---------------------------------------------------------------- uploads
@@ -176,19 +138,6 @@ def test_job_folder_removed_even_on_error(tmp_path: Path) -> None:
         (d / "x_t2map.nii.gz").write_bytes(b"1")
         raise RuntimeError
     assert list(tmp_path.iterdir()) == []
-
-
-def test_publish_result_moves_zip_into_cache(tmp_path: Path) -> None:
-    z = tmp_path / "job" / "s_results.zip"
-    z.parent.mkdir()
-    z.write_bytes(b"zip")
-    (tmp_path / "cache").mkdir()
-    dest = jobs.publish_result(z, tmp_path / "cache")
-    assert dest.read_bytes() == b"zip" and not z.exists()
-    assert dest.parent.name.startswith(jobs.RESULT_PREFIX)
-    dest.unlink()
-    jobs.sweep_result_dirs(tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []
 
 
 @pytest.mark.parametrize(("name", "ok"), [
@@ -346,12 +295,14 @@ def test_runner_is_the_worker_process_except_on_zero_gpu() -> None:
 def test_settings_from_env(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("KNEE_APP_PORT", "7999")
     monkeypatch.setenv("KNEE_MAX_UPLOAD_MB", "12.5")
-    monkeypatch.setenv("KNEE_STATS_DB", str(tmp_path / "db.sqlite"))
+    monkeypatch.setenv("KNEE_JOBS_DB", str(tmp_path / "db.sqlite"))
+    monkeypatch.setenv("KNEE_RESULTS_DIR", str(tmp_path / "res"))
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     monkeypatch.delenv("KNEE_RUN_HISTORY", raising=False)
     s = Settings.from_env()
     assert s.port == 7999 and s.max_upload_mb == 12.5 and s.zero_gpu
-    assert s.stats_db == tmp_path / "db.sqlite" and s.queue_max == 8
+    assert s.jobs_db == tmp_path / "db.sqlite" and s.results_dir == tmp_path / "res"
+    assert s.queue_max == 8 and s.job_lease_s == 30
     assert s.job_timeout_s == 1800 and s.orphan_upload_s == 1800
     assert s.run_history is False  # medical data: no run history unless asked for
     monkeypatch.setenv("KNEE_RUN_HISTORY", "1")
@@ -383,66 +334,6 @@ def test_queued_paths_reads_waiting_events_only(tmp_path: Path) -> None:
     demo = NS(_queue=NS(event_queue_per_concurrency_id={
         "jobs": NS(queue=[waiting], current_concurrency=1)}))
     assert system.queued_paths(demo) == {os.path.realpath(f)}
-
-
-# ---------------------------------------------------------------- the job queue
-
-
-def test_job_ids_queue_positions_and_queue_full() -> None:
-    import threading
-
-    from app_support.manager import DONE, JobManager, about, ordinal
-
-    gate = threading.Event()
-    order = []
-
-    def work(job, on_step):
-        on_step("[1/9] Loading input", 0.1)
-        gate.wait(10)
-        order.append(job.request)
-        return ("Done", job.request), None
-
-    manager = JobManager(work, queue_max=2, result_ttl_s=3600)
-    try:
-        jobs_ = [manager.submit(0)]
-        deadline = time.time() + 5
-        while jobs_[0].step != "[1/9] Loading input" and time.time() < deadline:
-            time.sleep(0.01)
-        jobs_ += [manager.submit(i) for i in (1, 2)]  # one runs, two wait
-        assert [manager.position(j) for j in jobs_] == [0, 1, 2]
-        with pytest.raises(PipelineError, match=r"2 jobs are waiting.*about \d+ min"):
-            manager.submit(99)
-        ids = {j.id for j in jobs_}
-        assert len(ids) == 3 and all(len(i) >= 16 for i in ids)
-        assert manager.get(jobs_[1].id) is jobs_[1] and manager.get("nope") is None
-        gate.set()
-        for j in jobs_:
-            while not j.ended and time.time() < deadline + 10:
-                manager.wait(j, j.version, 1)
-        assert order == [0, 1, 2] and all(j.state == DONE for j in jobs_)
-        assert jobs_[2].outputs == ("Done", 2)
-    finally:
-        gate.set()
-        manager.shutdown()
-    assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 21)] == [
-        "1st", "2nd", "3rd", "4th", "11th", "12th", "21st"]
-    assert about(42) == "about 40 s" and about(185) == "about 3 min"
-
-
-def test_finished_jobs_expire_after_the_result_ttl() -> None:
-    from app_support.manager import JobManager
-
-    manager = JobManager(lambda job, on_step: (("Done",), None), queue_max=2,
-                         result_ttl_s=0.2)
-    try:
-        job = manager.submit("x")
-        while not job.ended:
-            manager.wait(job, job.version, 1)
-        assert manager.get(job.id) is job
-        time.sleep(0.3)
-        assert manager.get(job.id) is None
-    finally:
-        manager.shutdown()
 
 
 # ---------------------------------------------------------------- the service, fake worker
@@ -508,7 +399,7 @@ def test_refusals_report_codes_and_count_page_keeps_uploads(tmp_path: Path,
             _run(service, str(upload), str(seg))
         assert err.value.message == "[SEG_MISMATCH] grids"
         assert not upload.exists() and not seg.exists()  # so does a failed API job
-        assert service.stats.summary()["failures_by_code"] == {
+        assert service.store.summary()["failures_by_code"] == {
             "INVALID_FORMAT": 2, "INVALID_PARAMETERS": 1, "SEG_MISMATCH": 2}
         assert list((tmp_path / "work").iterdir()) == []
     finally:
@@ -539,7 +430,8 @@ def test_job_success_publishes_zip_and_deletes_uploads(tmp_path: Path, monkeypat
         assert final[0].startswith("Done") and "retained" in final[0]
         assert final[0].endswith(f"(job {first.split()[1]})")
         zip_path = Path(final[1])
-        assert zip_path.read_bytes() == b"zip" and zip_path.is_relative_to(tmp_path / "gradio")
+        assert zip_path.read_bytes() == b"zip"
+        assert zip_path == tmp_path / "results" / first.split()[1] / "scan_results.zip"
         assert final[3]["all_mean_ms"].tolist() == [40.0]
         assert "careful" in final[5]
         assert not upload.exists() and not seg.exists()
@@ -547,7 +439,7 @@ def test_job_success_publishes_zip_and_deletes_uploads(tmp_path: Path, monkeypat
         (rid,) = [p for p in (tmp_path / "retained").iterdir()]
         assert sorted(p.name for p in rid.iterdir()) == [
             "knee_all-labels.nii.gz", "knee_results.csv", "retention.json"]
-        summary = service.stats.summary()
+        summary = service.store.summary()
         assert summary["total_processed"] == 1 and summary["unique_users"] == 1
         assert service.result(first.split()[1])[1] == final[1]  # /result: the same outputs
     finally:
