@@ -34,7 +34,15 @@ def _env_bool(name: str, default: bool = False) -> bool:
 
 
 def _data_dir_usable() -> bool:
-    return DATA_DIR.is_dir() and os.access(DATA_DIR, os.W_OK | os.X_OK)
+    """Whether a file can really be made in ``/data`` (a read-only mount says yes to
+    ``os.access`` for root)."""
+    if not DATA_DIR.is_dir():
+        return False
+    try:
+        with tempfile.NamedTemporaryFile(dir=DATA_DIR, prefix=".knee_probe_"):
+            return True
+    except OSError:
+        return False
 
 
 def _state_path(data_name: str, local_name: str) -> Path:

@@ -348,3 +348,36 @@ def test_a_full_disk_fails_the_job_with_a_code_and_the_store_stays_consistent(
         assert service.status(job.id)["code"] == "DISK_FULL"
     finally:
         service.close()
+
+
+def test_read_only_data_falls_back_to_local_state_with_a_warning(tmp_path: Path, monkeypatch,
+                                                                 caplog) -> None:
+    from app_support import config
+    from app_support.service import AnalysisService
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("KNEE_JOBS_DB", "KNEE_RESULTS_DIR", "KNEE_RETAIN_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    writable = tmp_path / "data"
+    writable.mkdir()
+    monkeypatch.setattr(config, "DATA_DIR", writable)
+    s = Settings.from_env()
+    assert s.jobs_db == writable / "knee_jobs.sqlite" and s.storage_warning is None
+    assert s.results_dir == writable / "knee_results"
+    # /proc/self is a folder no one can create files in, as a read-only /data mount is
+    monkeypatch.setattr(config, "DATA_DIR", Path("/proc/self"))
+    s = Settings.from_env()
+    assert s.jobs_db == tmp_path / ".knee_app" / "jobs.sqlite"
+    assert s.results_dir == tmp_path / ".knee_app" / "results"
+    assert "/proc/self is not writable" in s.storage_warning
+
+    isolate_app_env(tmp_path, monkeypatch)
+    caplog.set_level("WARNING")
+    service = AnalysisService(Settings.from_env(), start_worker=False)
+    try:
+        health = service.health()["store"]
+        assert "/proc/self is not writable" in health["warning"]
+        assert health["db"] == str(tmp_path / "jobs.sqlite") and health["queued"] == 0
+        assert any("/proc/self is not writable" in r.getMessage() for r in caplog.records)
+    finally:
+        service.close()
