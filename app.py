@@ -59,8 +59,8 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
     choices = system.segmentation_choices(models)
     default_model = system.default_segmentation_choice(models)
     defaults = Options()
-    # Handlers only follow jobs (the queue runs them): room for every job that may wait.
-    followers = settings.queue_max + 2
+    # Handlers only follow jobs (the queue runs them): room for every job that may wait or run.
+    followers = settings.queue_max + service.slots + 1
 
     # Parameter defaults become the API's defaults: a client may send only the image.
     def analyze(

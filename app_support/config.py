@@ -99,6 +99,8 @@ class Settings:
     sweep_interval_s: float = 30.0  # how often orphan uploads are looked for
     run_history: bool = False  # Gradio's run-history page (off: medical data)
     job_lease_s: float = 30.0  # a running job unseen for this long was interrupted
+    dask_scheduler: str | None = None  # run jobs on this Dask cluster instead of locally
+    dask_max_jobs: int = 32  # jobs run at once on the cluster, at most
     storage_warning: str | None = None  # /data exists but is read-only
 
     @classmethod
@@ -127,6 +129,8 @@ class Settings:
             run_history=_env_bool("KNEE_RUN_HISTORY"),
             job_lease_s=_env_number("KNEE_JOB_LEASE_S", 30.0, float) or 30.0,
             storage_warning=storage_warning(),
+            dask_scheduler=_env_str("KNEE_DASK_SCHEDULER"),
+            dask_max_jobs=_env_number("KNEE_DASK_MAX_JOBS", 32) or 32,
         )
 
     def pin_gradio_temp_dir(self) -> None:

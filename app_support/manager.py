@@ -90,12 +90,14 @@ class JobManager:
     """The durable queue's runners and the live views of this process's jobs.
 
     ``queue_max`` bounds the jobs waiting (not running). ``on_end(job, request)`` runs once a
-    job has ended, before anyone can see it ended (its uploads, its folder).
+    job has ended, before anyone can see it ended (its uploads, its folder). ``slots`` runner
+    threads run jobs, at most ``capacity()`` at once (all of them when not given).
     """
 
     def __init__(self, store: JobStore, work: Work, queue_max: int, *,
                  on_end: Callable[[Job, AnalysisRequest | None], None] | None = None,
-                 slots: int = 1, tick_s: float = 5.0):
+                 slots: int = 1, capacity: Callable[[], int] | None = None,
+                 tick_s: float = 5.0):
         self.store = store
         self._work = work
         self.queue_max = queue_max
@@ -107,6 +109,8 @@ class JobManager:
         self._claiming = threading.Lock()
         self._stop = False
         self._tick_s = tick_s
+        # How many jobs may run now (a cluster's usable workers); never more than ``slots``.
+        self._capacity = capacity or (lambda: slots)
         self.recovered = recovered = store.recover(self.owner, set())
         if recovered:
             log.warning("jobs interrupted by the last stop: %s", recovered)
@@ -202,7 +206,9 @@ class JobManager:
                 if self._stop:
                     return
             with self._claiming:  # a claimed row is in _running before any recovery looks
-                row = self.store.claim(self.owner)
+                row = None
+                if len(self._running) < self._free_capacity():
+                    row = self.store.claim(self.owner)
                 if row is not None:
                     with self._cond:
                         self._running.add(row.id)
@@ -254,6 +260,13 @@ class JobManager:
                                  message=f"the job store could not be written ({exc}).")
             extras = None
         self._end(job, row.request, outcome, extras)
+
+    def _free_capacity(self) -> int:
+        try:
+            return int(self._capacity())
+        except Exception:  # a cluster that cannot be asked runs nothing now
+            log.exception("could not read the capacity")
+            return 0
 
     def _progress(self, job: Job, step: str, fraction: float) -> None:
         with self._cond:

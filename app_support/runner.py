@@ -81,8 +81,14 @@ def zero_gpu_accelerate(cap_s: int) -> Callable[[str, Callable], Callable] | Non
     return accelerate
 
 
-def make_runner(zero_gpu: bool, gpu_duration_s: int) -> WorkerProcess | InProcessRunner:
-    """The worker process, or on ZeroGPU the in-process runner with ``spaces.GPU``."""
+def make_runner(zero_gpu: bool, gpu_duration_s: int, dask_scheduler: str | None = None,
+                dask_max_jobs: int = 32):
+    """The worker process; on ZeroGPU the in-process runner with ``spaces.GPU``; with a Dask
+    scheduler's address, the cluster (``cluster.DaskRunner``)."""
+    if dask_scheduler:
+        from .cluster import DaskRunner
+
+        return DaskRunner(dask_scheduler, max_jobs=dask_max_jobs)
     if zero_gpu:
         return InProcessRunner(zero_gpu_accelerate(gpu_duration_s))
     return WorkerProcess()

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -71,14 +72,19 @@ class AnalysisService:
         self.user_hash = UserHasher(salt_file_of(settings.jobs_db), settings.stats_salt)
         self.uploads = jobs.UploadRefs(settings.gradio_temp_dir, protected_files or [])
         self._leases: dict[str, jobs.Lease] = {}  # page jobs' uploads, kept for a retry
-        self.runner = make_runner(settings.zero_gpu, settings.gpu_duration_s)
+        self.runner = make_runner(settings.zero_gpu, settings.gpu_duration_s,
+                                  settings.dask_scheduler, settings.dask_max_jobs)
+        self.cluster = settings.dask_scheduler is not None
+        self.slots = getattr(self.runner, "max_jobs", 1)  # jobs that may ever run at once
         if start_worker:
             try:
                 self.runner.start()  # imports the pipeline now, not in the first user's job
             except Exception:
                 log.exception("the pipeline worker did not start; retrying with the first job")
         self.jobs = JobManager(self.store, self._execute, settings.queue_max,
-                               on_end=self._job_ended)
+                               on_end=self._job_ended, slots=self.slots,
+                               capacity=getattr(self.runner, "capacity", None),
+                               tick_s=1.0 if self.cluster else 5.0)
         self._clean_leftovers()
         self.jobs.start()
         self.demo: gr.Blocks | None = None
@@ -208,6 +214,7 @@ class AnalysisService:
                 on_step(f"[{event.index}/{event.total}] {event.name}", event.fraction)
 
             t0 = time.monotonic()
+            started_utc = utc_iso(time.time())
             outcome = self.runner.run(spec, step, self.settings.job_timeout_s)
             if isinstance(outcome, Failure):
                 if outcome.detail:
@@ -216,6 +223,12 @@ class AnalysisService:
                 raise PipelineError(outcome.code, outcome.message)
             result: Result = outcome
             seconds = round(time.monotonic() - t0, 1)
+            # Where it ran (a cluster's runner says so itself: its worker and host).
+            info = getattr(self.runner, "info", None) or {}
+            result.provenance.setdefault("execution", {
+                "worker": f"local worker process {info.get('pid') or os.getpid()}",
+                "host": socket.gethostname(), "gpu": info.get("gpu"),
+                "started_utc": started_utc, "finished_utc": utc_iso(time.time())})
             retained = self._retain(result) if req.consent else None
             zip_name = files.store_zip(result.zip_path)
             vis = None
@@ -475,6 +488,7 @@ class AnalysisService:
                       "oldest_queued_age_s": counts["oldest_queued_age_s"],
                       "warning": self.settings.storage_warning},
             "worker": {"pid": self.runner.pid, "starts": self.runner.starts},
+            **({"cluster": self.runner.health()} if self.cluster else {}),
         }
 
 
