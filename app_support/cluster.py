@@ -67,6 +67,12 @@ def cluster_job(spec: JobSpec, key: str) -> tuple[Any, dict[str, Any]]:
     return outcome, where
 
 
+def workers_now(client) -> dict[str, dict[str, Any]]:
+    """The scheduler's workers, asked now. (``Client.scheduler_info`` returns a cache that the
+    client's own heartbeat may have just replaced by one without per-worker entries.)"""
+    return client.sync(client.scheduler.identity, n_workers=-1).get("workers", {})
+
+
 class DaskRunner:
     """Runs jobs on a Dask cluster; the same ``run`` contract as ``worker.WorkerProcess``."""
 
@@ -134,7 +140,7 @@ class DaskRunner:
         """Which workers may run jobs now (same project version, resources)."""
         if self.client.status != "running":
             raise ConnectionError(f"client {self.client.status}")
-        info = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        info = workers_now(self.client)
         usable = {a: {"host": w.get("host"), "gpu": w.get("resources", {}).get(GPU, 0) > 0,
                       "nthreads": w.get("nthreads")} for a, w in info.items()}
         refused: dict[str, str] = {}
@@ -224,7 +230,7 @@ class DaskRunner:
 
     def _alive(self, client, address: str) -> bool:
         try:
-            return address in client.scheduler_info(n_workers=-1).get("workers", {})
+            return address in workers_now(client)
         except Exception:
             return True  # cannot tell now; the future's own end will
 
