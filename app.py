@@ -228,16 +228,16 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         quiet: dict[str, Any] = {"queue": False, "show_progress": "hidden",
                                  "api_visibility": "private"}
 
-        def reveal(status_text: str, t2_df, shape_df) -> tuple:
-            ok = (status_text or "").startswith("Done")
+        def reveal(zip_file: str | None, t2_df, shape_df) -> tuple:
+            ok = bool(zip_file)  # a job's results are shown when it has a results zip
             return (gr.update(visible=ok), gr.update(visible=ok and has_rows(t2_df)),
                     gr.update(visible=ok and has_rows(shape_df)))
 
         def after(event, with_viewers: bool) -> None:
-            event.then(reveal, [status, t2, shape_table], [results_box, t2_box, shape_box],
+            event.then(reveal, [results_zip, t2, shape_table], [results_box, t2_box, shape_box],
                        **quiet)
             if with_viewers:
-                viewers.reveal_after(view, event, viewers_box, status)
+                viewers.reveal_after(view, event, viewers_box, results_zip)
             event.then(service.footer, None, footer, **quiet)
 
         inputs = [image, seg, model, shape, smooth, email, consent]

@@ -359,9 +359,9 @@ class AnalysisService:
             job = self.submit(image, segmentation, segmentation_model, shape_model,
                               cartilage_smoothing, email, research_consent, _session(request),
                               page=True)
-        except PipelineError as exc:
-            yield (f"Failed: [{exc.code.value}] {exc.message}",
-                   *(gr.skip(),) * (N_BASE_OUTPUTS - 1 + n_view))
+        except PipelineError as exc:  # no stale results of an earlier job stay shown
+            yield (f"Failed: [{exc.code.value}] {exc.message}", *empty_outputs()[1:],
+                   *(gr.skip(),) * n_view)
             return
         yield (self.status_text(job), *empty_outputs()[1:], *result_viewers.cleared_values())
         yield from self.follow(job, progress, N_BASE_OUTPUTS + n_view)
@@ -410,7 +410,7 @@ class AnalysisService:
         try:
             return self.result(job_id)
         except gr.Error as exc:
-            return (f"Failed: {exc.message}", *(gr.skip(),) * (N_BASE_OUTPUTS - 1))
+            return (f"Failed: {exc.message}", *empty_outputs()[1:])
 
     def status(self, job_id: str) -> dict[str, Any]:
         """``/status``: where a job is, as JSON (never raises for a known id)."""

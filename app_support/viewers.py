@@ -136,20 +136,20 @@ def show_model(choice: str | None, model_files: list[str] | None) -> Any:
         FRONT_VIEW[0], FRONT_VIEW[1], round(FIT_RADII * radius, 1) if radius else None))
 
 
-def reveal_after(v: ResultViewers, event: Any, box: Any, status: Any) -> None:
-    """When ``event`` (a job) ends: show ``box`` (the viewers) if ``status`` says Done, THEN
-    put the chosen GLB in the 3-D viewer: a canvas created while hidden has no size."""
-    event.then(lambda s: gr.update(visible=_done(s)), [status], [box], **_QUIET).then(
-        _show_model_if_done, [status, v.model_choice, v.model_files], v.model3d, **_QUIET)
+def reveal_after(v: ResultViewers, event: Any, box: Any, results_zip: Any) -> None:
+    """When ``event`` (a job) ends: show ``box`` (the viewers) if the job gave a results zip,
+    THEN put the chosen GLB in the 3-D viewer: a canvas created while hidden has no size."""
+    event.then(lambda z: gr.update(visible=_done(z)), [results_zip], [box], **_QUIET).then(
+        _show_model_if_done, [results_zip, v.model_choice, v.model_files], v.model3d, **_QUIET)
 
 
-def _done(status: str | None) -> bool:
-    return (status or "").startswith("Done")
+def _done(results_zip: str | None) -> bool:
+    return bool(results_zip)
 
 
-def _show_model_if_done(status: str | None, choice: str | None,
+def _show_model_if_done(results_zip: str | None, choice: str | None,
                         model_files: list[str] | None) -> Any:
-    return show_model(choice, model_files) if _done(status) else gr.skip()
+    return show_model(choice, model_files) if _done(results_zip) else gr.skip()
 
 
 def clear_model_on(v: ResultViewers, trigger: Any) -> None:

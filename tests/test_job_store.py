@@ -381,3 +381,47 @@ def test_read_only_data_falls_back_to_local_state_with_a_warning(tmp_path: Path,
         assert any("/proc/self is not writable" in r.getMessage() for r in caplog.records)
     finally:
         service.close()
+
+
+def test_a_new_service_on_the_same_store_answers_for_earlier_jobs(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """What the page's "Results of an earlier job" box and ``?job=ID`` call, after a restart:
+    the same outputs, rendered from the stored outcome."""
+    from app_support.service import AnalysisService
+    from pipeline.run import Result
+
+    def succeeding(spec):
+        out = Path(spec.out_dir)
+        (out / "scan_results.zip").write_bytes(b"zip")
+        metrics = pd.DataFrame([{"pat_cart_mm_mean": 2.5, "pat_cart_t2_ms_mean": 40.0}])
+        return Result(out / "scan_results.zip", out, metrics, ["careful"],
+                      {"input": {"stem": "scan"}}, [])
+
+    isolate_app_env(tmp_path, monkeypatch)
+    (tmp_path / "gradio").mkdir()
+    image = tmp_path / "gradio" / "0a" / "scan.nii.gz"
+    image.parent.mkdir()
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.Image(16, 16, 16, sitk.sitkUInt8), str(image))
+    first = AnalysisService(Settings.from_env(), start_worker=False)
+    first.runner = FakeRunner(succeeding)
+    try:
+        job = first.submit(str(image), str(image), "use my segmentation", "none", 0.3125, "",
+                           False)
+        _wait_ended(first.jobs, job)
+        before = first.result_page(job.id)
+    finally:
+        first.close()
+    again = AnalysisService(Settings.from_env(), start_worker=False)
+    try:
+        after = again.result_page(job.id)
+        assert after[0] == before[0] and after[0].startswith("Done") and job.id in after[0]
+        assert after[1] == before[1] and Path(after[1]).read_bytes() == b"zip"
+        pd.testing.assert_frame_equal(after[2], before[2])
+        assert after[3]["all_mean_ms"].tolist() == [40.0] and "careful" in after[5]
+        assert again.status(job.id)["state"] == "done"
+        failed = again.result_page("no-such-job-id-0123456789")
+        assert failed[0].startswith("Failed: [JOB_UNKNOWN]") and failed[1] is None
+    finally:
+        again.close()
