@@ -25,6 +25,79 @@ def shared_fixture(*parts: str) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sha256_of(path: Path) -> str:
+    """The file's digest, or "" when it is gone (servers delete files while tests look)."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def wait_until(predicate, timeout: float, every: float = 0.5, what: str = "condition"):
+    """``predicate()``'s first truthy value, polled every ``every`` s for ``timeout`` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"{what} not met within {timeout} s")
+
+
+def first_job_id(job) -> str:
+    """The id in a gradio_client ``/analyze`` job's first Status line ("job ID · ...")."""
+    def first():
+        outs = [o[0] for o in job.outputs() if o and isinstance(o[0], str)]
+        return outs[0].split()[1] if outs and outs[0].startswith("job ") else None
+    return wait_until(first, 60, 0.1, "job id")
+
+
+def results_json(zip_path: str | Path) -> dict:
+    """The ``{stem}_results.json`` inside a results zip."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(zip_path) as zf:
+        name = next(n for n in zf.namelist() if n.endswith("_results.json"))
+        return json.loads(zf.read(name))
+
+
+def assert_same_metrics(got: dict, want: dict) -> None:
+    """Every metric equal (floats to 1e-9: the same code on the same voxels)."""
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+        else:
+            assert got[key] == value, key
+
+
+def analyze_cli(image: Path, seg: Path, out: Path) -> dict:
+    """``python -m pipeline analyze`` on one case: its results.json, the reference a job of
+    the app must equal."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "pipeline", "analyze", str(image), "--seg",
+                          str(seg), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return results_json(run.stdout.strip().splitlines()[-1])
+
+
 def regzip(src: Path, dest: Path) -> Path:
     """Same image, different bytes (gzip header mtime): a 'user' upload, never the protected
     example file Gradio caches at the same content-addressed path."""

@@ -8,11 +8,9 @@ an upload of the same bytes gets).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +26,7 @@ import requests
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
-from conftest import regzip  # noqa: E402
+from conftest import first_job_id, free_port, regzip, sha256_of, wait_until  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
@@ -42,17 +40,8 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".dcm")
 ORPHAN_S = 20  # the module server's KNEE_ORPHAN_UPLOAD_S
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _sha(path: Path) -> str:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except FileNotFoundError:  # deleted by the server since it was listed
-        return ""
 
 
 def _files(root: Path) -> list[Path]:
@@ -62,7 +51,7 @@ def _files(root: Path) -> list[Path]:
 
 def _regzip(src: Path, dest: Path) -> Path:
     regzip(src, dest)
-    assert _sha(dest) != _sha(src)
+    assert sha256_of(dest) != sha256_of(src)
     return dest
 
 
@@ -86,18 +75,18 @@ class App:
         The server deletes files while we look (sweeps, finished jobs), so a folder or file that
         vanishes mid-walk simply does not count.
         """
-        return [p for p in _files(self.gradio_dir) if _sha(p) in digests]
+        return [p for p in _files(self.gradio_dir) if sha256_of(p) in digests]
 
     def assert_clean(self, uploads: list[Path]) -> None:
         """No copy of the uploads, no job folder and no intermediate image left anywhere."""
-        assert self.files_with({_sha(p) for p in uploads}) == []
+        assert self.files_with({sha256_of(p) for p in uploads}) == []
         assert list(self.work_dir.iterdir()) == [], "job folders left behind"
         assert list(self.results_dir.rglob("inputs")) == [], "job inputs left behind"
         left = [p.name for p in self.tmp_dir.iterdir() if p.name.startswith("knee_")]
         assert left == [], f"pipeline temp folders left behind: {left}"
-        examples = {_sha(EXAMPLE_IMAGE), _sha(EXAMPLE_SEG)}
+        examples = {sha256_of(EXAMPLE_IMAGE), sha256_of(EXAMPLE_SEG)}
         images = [p for p in _files(self.gradio_dir) if p.name.lower().endswith(IMAGE_SUFFIXES)]
-        assert [p for p in images if _sha(p) not in examples] == []
+        assert [p for p in images if sha256_of(p) not in examples] == []
 
     def analyze(self, image: Path, seg: Path | None = None, consent: bool = False):
         return self.client.submit(
@@ -131,7 +120,7 @@ def app(tmp_path_factory) -> App:
 
     demo = app_module.build_demo()
     options = app_module.launch_options(demo.knee_settings)
-    options.update(prevent_thread_lock=True, server_port=_free_port(), quiet=True,
+    options.update(prevent_thread_lock=True, server_port=free_port(), quiet=True,
                    show_error=True)
     _, url, _ = demo.launch(**options)
     try:
@@ -192,7 +181,7 @@ def test_bad_inputs_fail_with_codes_then_example_runs_end_to_end(app: App) -> No
     with pytest.raises(AppError, match=r"\[INVALID_PARAMETERS\]"):  # no seg, no model
         app.analyze(app.image).result(timeout=120)
     # An API refusal deletes the uploads at once (the client sends them again on a retry).
-    assert not app.files_with({_sha(hostile)}) and not app.files_with({_sha(app.image)})
+    assert not app.files_with({sha256_of(hostile)}) and not app.files_with({sha256_of(app.image)})
 
     # The server keeps serving: the example (user copy, image + segmentation) end to end.
     before = {p.name for p in app.retain_dir.iterdir()}
@@ -302,7 +291,7 @@ def test_examples_are_protected_and_unknown_jobs_refused(app: App) -> None:
     out = app.client.predict(handle_file(str(EXAMPLE_IMAGE)), handle_file(str(EXAMPLE_SEG)),
                              OWN_SEG, "none", 0.3125, "", False, api_name="/analyze")
     assert out[0].startswith("Done") and Path(out[1]).name == "knee_phantom_results.zip"
-    assert EXAMPLE_IMAGE.exists() and app.files_with({_sha(EXAMPLE_IMAGE)})  # protected copy
+    assert EXAMPLE_IMAGE.exists() and app.files_with({sha256_of(EXAMPLE_IMAGE)})  # protected copy
 
 
 # ---------------------------------------------------------------- real use: clients that go
@@ -365,14 +354,6 @@ class ClientProcess:
         self.proc.wait(10)
 
 
-def _wait_until(predicate, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def _result_when_done(app: App, job_id: str, timeout: float = 240):
@@ -382,7 +363,7 @@ def _result_when_done(app: App, job_id: str, timeout: float = 240):
         except AppError as exc:
             assert "[JOB_RUNNING]" in str(exc), exc
             return None
-    return _wait_until(ready, timeout, every=1.0)
+    return wait_until(ready, timeout, every=1.0)
 
 
 def test_client_killed_mid_job_the_job_finishes_and_the_server_stays_fast(app: App) -> None:
@@ -416,17 +397,17 @@ def test_client_killed_while_queued_and_unused_upload_are_deleted(app: App) -> N
     queued = _regzip(EXAMPLE_IMAGE, app.root / "q" / "queued.nii.gz")
     unused = _regzip(EXAMPLE_SEG, app.root / "q" / "never_used.nii.gz")
     running = app.analyze(first, app.seg)
-    _wait_until(lambda: app.demo.knee_service.jobs.counts()["running"], 60, every=0.1)
+    wait_until(lambda: app.demo.knee_service.jobs.counts()["running"], 60, every=0.1)
     client = ClientProcess(app, queued, app.seg, app.root / "q" / "dl")
     client.wait_for(lambda t: " in line" in t, 60)
     client.kill()
     # An upload nobody analyses: straight to Gradio's upload route, as a page would.
     with open(unused, "rb") as fh:
         r = requests.post(f"{app.url}/gradio_api/upload", files={"files": fh}, timeout=30)
-    assert r.status_code == 200 and app.files_with({_sha(unused)})
+    assert r.status_code == 200 and app.files_with({sha256_of(unused)})
     assert running.result(timeout=240)[0].startswith("Done")
     t0 = time.monotonic()
-    _wait_until(lambda: not app.files_with({_sha(queued), _sha(unused)}), ORPHAN_S + 60)
+    wait_until(lambda: not app.files_with({sha256_of(queued), sha256_of(unused)}), ORPHAN_S + 60)
     print(f"\norphans gone {time.monotonic() - t0:.0f} s after the first job ended")
     app.assert_clean([first, queued, unused])
 
@@ -443,13 +424,13 @@ def test_timeout_then_worker_killed_then_next_job_succeeds(app: App) -> None:
     finally:
         service.settings = settings
     # An API client re-sends its files on a retry, so a failed API job deletes its uploads now.
-    assert not app.files_with({_sha(app.image), _sha(app.seg)})
+    assert not app.files_with({sha256_of(app.image), sha256_of(app.seg)})
     # A worker killed mid-job: the job runs again once (acks_late), then WORKER_CRASHED.
     job = app.analyze(app.image, app.seg)
-    job_id = _job_id_of(job)
+    job_id = first_job_id(job)
     pids = []
     for attempt in (1, 2):
-        _wait_until(lambda a=attempt: _attempt_running(app, job_id, a), 120, every=0.1)
+        wait_until(lambda a=attempt: _attempt_running(app, job_id, a), 120, every=0.1)
         pids.append(app.client.predict(api_name="/health")["worker"]["pid"])
         os.kill(pids[-1], signal.SIGKILL)
     with pytest.raises(AppError, match=r"\[WORKER_CRASHED\].*SIGKILL.*interrupted 2 times"):
@@ -463,11 +444,6 @@ def test_timeout_then_worker_killed_then_next_job_succeeds(app: App) -> None:
     app.assert_clean([app.image, app.seg])
 
 
-def _job_id_of(job) -> str:
-    def first():
-        outs = [o[0] for o in job.outputs() if o and isinstance(o[0], str)]
-        return outs[0].split()[1] if outs and outs[0].startswith("job ") else None
-    return _wait_until(first, 60, every=0.1)
 
 
 def _attempt_running(app: App, job_id: str, attempt: int) -> bool:

@@ -12,14 +12,11 @@ the project folder), driven by gradio_client as a user would:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import zipfile
 from datetime import datetime
 from pathlib import Path
 
@@ -27,7 +24,15 @@ import pytest
 
 pytest.importorskip("distributed")
 pytest.importorskip("gradio")
-from conftest import regzip  # noqa: E402
+from conftest import (  # noqa: E402
+    analyze_cli,
+    assert_same_metrics,
+    first_job_id,
+    free_port,
+    regzip,
+    results_json,
+    wait_until,
+)
 from distributed import Client as DaskClient  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
@@ -35,20 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OWN_SEG = "use my segmentation"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _wait(predicate, timeout: float, every: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what} not met within {timeout} s")
 
 
 def _dask(*args: str, cwd: Path, env: dict, log: Path) -> subprocess.Popen:
@@ -67,17 +60,8 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(30)
 
 
-def _metrics(zip_path: str) -> dict:
-    with zipfile.ZipFile(zip_path) as zf:
-        name = next(n for n in zf.namelist() if n.endswith("_results.json"))
-        return json.loads(zf.read(name))
 
 
-def _job_id(job) -> str:
-    def first():
-        outs = [o[0] for o in job.outputs() if o and isinstance(o[0], str)]
-        return outs[0].split()[1] if outs and outs[0].startswith("job ") else None
-    return _wait(first, 60, 0.1, "job id")
 
 
 def test_app_runs_its_jobs_on_a_dask_cluster_and_survives_a_dead_worker(tmp_path: Path) -> None:
@@ -87,16 +71,11 @@ def test_app_runs_its_jobs_on_a_dask_cluster_and_survives_a_dead_worker(tmp_path
     base = phantom.write_phantom(small, tmp_path / "case", stem="small")
     cases = [(regzip(base["image"], tmp_path / "user" / f"knee{i}.nii.gz"),
               regzip(base["seg"], tmp_path / "user" / f"knee{i}_seg.nii.gz")) for i in range(7)]
-    cli = subprocess.run(
-        [sys.executable, "-m", "pipeline", "analyze", str(cases[0][0]), "--seg",
-         str(cases[0][1]), "--out", str(tmp_path / "cli")], cwd=ROOT, capture_output=True,
-        text=True, timeout=300)
-    assert cli.returncode == 0, cli.stderr[-2000:]
-    want = _metrics(cli.stdout.strip().splitlines()[-1])
+    want = analyze_cli(*cases[0], tmp_path / "cli")
 
     outside = tmp_path / "elsewhere"  # workers start outside the project folder
     outside.mkdir()
-    sched_port, app_port = _free_port(), _free_port()
+    sched_port, app_port = free_port(), free_port()
     address = f"tcp://127.0.0.1:{sched_port}"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
            "TMPDIR": str(tmp_path / "tmp"), "PYTHONPATH": str(ROOT)}
@@ -127,12 +106,12 @@ def test_app_runs_its_jobs_on_a_dask_cluster_and_survives_a_dead_worker(tmp_path
                 return requests.get(url + "/config", timeout=2).status_code == 200
             except requests.RequestException:
                 return False
-        _wait(up, 180, 0.5, "app start")
+        wait_until(up, 180, 0.5, "app start")
         client = Client(url, verbose=False, download_files=str(tmp_path / "dl"))
         first = client.submit(handle_file(str(cases[0][0])), handle_file(str(cases[0][1])),
                               OWN_SEG, "none", 0.3125, "", False, api_name="/analyze")
-        first_id = _job_id(first)
-        cluster = _wait(lambda: (h := client.predict(api_name="/health")["cluster"])["error"]
+        first_id = first_job_id(first)
+        cluster = wait_until(lambda: (h := client.predict(api_name="/health")["cluster"])["error"]
                         and "cannot reach" in h["error"] and h, 60, 1.0, "unreachable shown")
         assert cluster["connected"] is False
         assert cluster["capacity"] == 0
@@ -146,7 +125,7 @@ def test_app_runs_its_jobs_on_a_dask_cluster_and_survives_a_dead_worker(tmp_path
                                   "--resources", "GPU=1", "--name", name, "--no-dashboard",
                                   cwd=outside, env=env, log=log)
             procs.append(workers[name])
-        _wait(lambda: client.predict(api_name="/health")["cluster"]["capacity"] == 2, 180,
+        wait_until(lambda: client.predict(api_name="/health")["cluster"]["capacity"] == 2, 180,
               1.0, "two GPU workers usable")
         done = first.result(timeout=300)
         assert done[0].startswith("Done") and done[7]["execution"]["worker"].startswith("tcp://")
@@ -158,7 +137,7 @@ def test_app_runs_its_jobs_on_a_dask_cluster_and_survives_a_dead_worker(tmp_path
         spans = []
         for r in results:
             assert r[0].startswith("Done"), r[0]
-            _assert_same(_metrics(r[1]), want)
+            assert_same_metrics(results_json(r[1]), want)
             ex = r[7]["execution"]
             spans.append((datetime.fromisoformat(ex["started_utc"]),
                           datetime.fromisoformat(ex["finished_utc"]), ex["worker"]))
@@ -169,7 +148,7 @@ def test_app_runs_its_jobs_on_a_dask_cluster_and_survives_a_dead_worker(tmp_path
         # ---- 3. SIGKILL the worker running a job: it runs again on the other one
         victim_job = client.submit(handle_file(str(cases[5][0])), handle_file(str(cases[5][1])),
                                    OWN_SEG, "none", 0.3125, "", False, api_name="/analyze")
-        victim_id = _job_id(victim_job)
+        victim_id = first_job_id(victim_job)
         with DaskClient(address, timeout=10) as dc:
             addresses = {w["name"]: a for a, w in
                          dc.scheduler_info(n_workers=-1)["workers"].items()}
@@ -181,14 +160,14 @@ def test_app_runs_its_jobs_on_a_dask_cluster_and_survives_a_dead_worker(tmp_path
                 busy = [a for a, keys in dc.processing().items()
                         if any(str(k).startswith("knee-job-") for k in keys)]
                 return next(n for n, a in addresses.items() if a == busy[0]) if busy else None
-            name = _wait(running_on, 180, 0.2, "the job running on a worker")
+            name = wait_until(running_on, 180, 0.2, "the job running on a worker")
         _kill(workers[name])
         survivor = next(n for n in addresses if n != name)
         out = victim_job.result(timeout=300)
         assert out[0].startswith("Done"), out[0]
         assert out[7]["execution"]["worker"] == addresses[survivor]
-        _assert_same(_metrics(out[1]), want)
-        _wait(lambda: client.predict(api_name="/health")["cluster"]["capacity"] == 1, 60, 1.0,
+        assert_same_metrics(results_json(out[1]), want)
+        wait_until(lambda: client.predict(api_name="/health")["cluster"]["capacity"] == 1, 60, 1.0,
               "one worker left")
         last = client.predict(handle_file(str(cases[6][0])), handle_file(str(cases[6][1])),
                               OWN_SEG, "none", 0.3125, "", False, api_name="/analyze")
@@ -199,10 +178,3 @@ def test_app_runs_its_jobs_on_a_dask_cluster_and_survives_a_dead_worker(tmp_path
 
 
 
-def _assert_same(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    for key, value in want.items():
-        if isinstance(value, float):
-            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
-        else:
-            assert got[key] == value, key

@@ -13,22 +13,27 @@ does it. One drill, in phases, because every start costs an app and a worker pro
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("gradio")
-from conftest import regzip  # noqa: E402
+from conftest import (  # noqa: E402
+    analyze_cli,
+    assert_same_metrics,
+    first_job_id,
+    free_port,
+    regzip,
+    results_json,
+    sha256_of,
+    wait_until,
+)
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
@@ -36,27 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 OWN_SEG = "use my segmentation"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _sha(path: Path) -> str:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return ""
 
 
-def _wait(predicate, timeout: float, every: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what} not met within {timeout} s")
 
 
 class AppProcess:
@@ -80,7 +68,7 @@ class AppProcess:
                 return requests.get(self.url + "/config", timeout=2).status_code == 200
             except requests.RequestException:
                 return False
-        _wait(up, timeout, 0.5, "app start")
+        wait_until(up, timeout, 0.5, "app start")
         self.client = Client(self.url, verbose=False, download_files=self.env["DL"])
         return self.client
 
@@ -99,11 +87,6 @@ def _submit(client: Client, image: Path, seg: Path):
                          0.3125, "drill@example.org", False, api_name="/analyze")
 
 
-def _job_id(job) -> str:
-    def first():
-        outs = [o[0] for o in job.outputs() if o and isinstance(o[0], str)]
-        return outs[0].split()[1] if outs and outs[0].startswith("job ") else None
-    return _wait(first, 60, 0.1, "job id")
 
 
 def _result(client: Client, job_id: str, timeout: float = 240):
@@ -115,7 +98,7 @@ def _result(client: Client, job_id: str, timeout: float = 240):
             if "[JOB_RUNNING]" in str(exc):
                 return None
             return str(exc)
-    return _wait(ended, timeout, 1.0, f"end of job {job_id}")
+    return wait_until(ended, timeout, 1.0, f"end of job {job_id}")
 
 
 def _row(db: Path, job_id: str) -> dict:
@@ -130,19 +113,8 @@ def _row(db: Path, job_id: str) -> dict:
         con.close()
 
 
-def _metrics_from_zip(zip_path: str) -> dict:
-    with zipfile.ZipFile(zip_path) as zf:
-        name = next(n for n in zf.namelist() if n.endswith("_results.json"))
-        return json.loads(zf.read(name))
 
 
-def _assert_same_metrics(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    for key, value in want.items():
-        if isinstance(value, float):
-            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
-        else:
-            assert got[key] == value, key
 
 
 def test_jobs_survive_sigkill_restarts_expire_and_a_bad_store_refuses_to_start(
@@ -154,19 +126,14 @@ def test_jobs_survive_sigkill_restarts_expire_and_a_bad_store_refuses_to_start(
     user = tmp_path / "user"
     cases = [(regzip(base["image"], user / f"knee{i}.nii.gz"),
               regzip(base["seg"], user / f"knee{i}_seg.nii.gz")) for i in range(5)]
-    upload_digests = {_sha(p) for pair in cases for p in pair} | {_sha(base["image"])}
+    upload_digests = {sha256_of(p) for pair in cases for p in pair} | {sha256_of(base["image"])}
 
     # What the command line gives on the same case (all five are the same pixels).
-    cli = subprocess.run(
-        [sys.executable, "-m", "pipeline", "analyze", str(cases[0][0]), "--seg",
-         str(cases[0][1]), "--out", str(tmp_path / "cli")], cwd=ROOT, capture_output=True,
-        text=True, timeout=300)
-    assert cli.returncode == 0, cli.stderr[-2000:]
-    want = _metrics_from_zip(cli.stdout.strip().splitlines()[-1])
+    want = analyze_cli(*cases[0], tmp_path / "cli")
 
     state = tmp_path / "state"
     db = state / "jobs.sqlite"
-    env = {**os.environ, "KNEE_APP_PORT": str(_free_port()), "KNEE_APP_HOST": "127.0.0.1",
+    env = {**os.environ, "KNEE_APP_PORT": str(free_port()), "KNEE_APP_HOST": "127.0.0.1",
            "KNEE_JOBS_DB": str(db), "KNEE_RESULTS_DIR": str(state / "results"),
            "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "KNEE_WORK_DIR": str(tmp_path / "work"),
            "KNEE_RETAIN_DIR": str(state / "retained"), "TMPDIR": str(tmp_path / "tmp"),
@@ -189,9 +156,9 @@ def test_jobs_survive_sigkill_restarts_expire_and_a_bad_store_refuses_to_start(
         client = a.ready()
         t0 = time.monotonic()
         submitted = [_submit(client, *cases[i]) for i in range(3)]
-        ids = sorted((_job_id(j) for j in submitted),  # the server's order, not the calls'
+        ids = sorted((first_job_id(j) for j in submitted),  # the server's order, not the calls'
                      key=lambda i: client.predict(i, api_name="/status")["created_utc"])
-        _wait(lambda: client.predict(ids[1], api_name="/status")["state"] == "running", 120,
+        wait_until(lambda: client.predict(ids[1], api_name="/status")["state"] == "running", 120,
               0.1, "second job running")
         assert client.predict(ids[0], api_name="/status")["state"] == "done"
         third = client.predict(ids[2], api_name="/status")
@@ -206,14 +173,14 @@ def test_jobs_survive_sigkill_restarts_expire_and_a_bad_store_refuses_to_start(
         for job_id, out in zip(ids, outs, strict=True):
             assert isinstance(out, tuple) and out[0].startswith("Done"), out
             assert out[0].endswith(f"(job {job_id})")
-            _assert_same_metrics(_metrics_from_zip(out[1]), want)
+            assert_same_metrics(results_json(out[1]), want)
             assert [r[0] for r in out[2]["data"]][:1] == ["ant_fem_cart"]
         assert _row(db, ids[1])["attempts"] == 2 and _row(db, ids[0])["attempts"] == 1
         stats = client.predict(api_name="/stats")
         assert stats["total_processed"] == 3 and stats["failed_total"] == 0
         assert stats["unique_users"] == 1
         left = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(user)
-                and not p.is_relative_to(tmp_path / "case") and _sha(p) in upload_digests]
+                and not p.is_relative_to(tmp_path / "case") and sha256_of(p) in upload_digests]
         assert left == [], f"upload pixel data left on disk: {left}"
         assert not list((state / "results").rglob("inputs"))
         assert list((tmp_path / "work").iterdir()) == []
@@ -221,12 +188,12 @@ def test_jobs_survive_sigkill_restarts_expire_and_a_bad_store_refuses_to_start(
 
         # ---- 2. a job killed twice fails with WORKER_CRASHED; the queue goes on
         fourth = _submit(client, *cases[3])
-        ids.append(_job_id(fourth))
-        ids.append(_job_id(_submit(client, *cases[4])))
-        _wait(lambda: _row(db, ids[3]).get("state") == "running", 120, 0.05, "fourth running")
+        ids.append(first_job_id(fourth))
+        ids.append(first_job_id(_submit(client, *cases[4])))
+        wait_until(lambda: _row(db, ids[3]).get("state") == "running", 120, 0.05, "fourth running")
         b.kill()
         c = start()
-        _wait(lambda: _row(db, ids[3]).get("attempts") == 2
+        wait_until(lambda: _row(db, ids[3]).get("attempts") == 2
               and _row(db, ids[3]).get("state") == "running", 180, 0.05, "fourth re-run")
         c.kill()
         d = start()
@@ -239,7 +206,7 @@ def test_jobs_survive_sigkill_restarts_expire_and_a_bad_store_refuses_to_start(
         assert _result(client, ids[4])[0].startswith("Done")
         again = client.predict(ids[0], api_name="/result")  # after three more restarts
         assert again[0] == outs[0][0]
-        _assert_same_metrics(_metrics_from_zip(again[1]), want)
+        assert_same_metrics(results_json(again[1]), want)
         stats = client.predict(api_name="/stats")
         assert stats["total_processed"] == 4 and stats["failures_by_code"] == {
             "WORKER_CRASHED": 1}

@@ -10,11 +10,9 @@ installs both: see ``.ci/run`` and requirements.txt).
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ import pytest
 
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
+from conftest import free_port, regzip  # noqa: E402
 from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,17 +43,8 @@ def _chromium() -> str | None:
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _regzip(src: Path, dest: Path) -> Path:
-    """Same image, different bytes, so the upload is not the protected example file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(gzip.compress(gzip.decompress(src.read_bytes()), mtime=1))
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +66,7 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
 
     demo = app_module.build_demo()
     options = app_module.launch_options(demo.knee_settings)
-    options.update(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
+    options.update(prevent_thread_lock=True, server_port=free_port(), quiet=True)
     _, url, _ = demo.launch(**options)
     try:
         yield url, dirs["gradio"]
@@ -148,8 +138,8 @@ def _other_client_job(url: str, tmp_path: Path):
     """Someone else's job (another byte copy), so the page's job has to queue."""
     from gradio_client import Client, handle_file
 
-    image = _regzip(EXAMPLES / "knee_phantom.nii.gz", tmp_path / "other" / "other.nii.gz")
-    seg = _regzip(EXAMPLES / "knee_phantom_seg.nii.gz", tmp_path / "other" / "other_seg.nii.gz")
+    image = regzip(EXAMPLES / "knee_phantom.nii.gz", tmp_path / "other" / "other.nii.gz")
+    seg = regzip(EXAMPLES / "knee_phantom_seg.nii.gz", tmp_path / "other" / "other_seg.nii.gz")
     client = Client(url, verbose=False, download_files=str(tmp_path / "other" / "dl"))
     return client.submit(handle_file(str(image)), handle_file(str(seg)), "use my segmentation",
                          "none", 0.3125, "", False, api_name="/analyze")
@@ -157,8 +147,8 @@ def _other_client_job(url: str, tmp_path: Path):
 
 def test_page_upload_analyse_and_viewers(server, page, tmp_path: Path) -> None:
     url, gradio_dir = server
-    image = _regzip(EXAMPLES / "knee_phantom.nii.gz", tmp_path / "up" / "subject.nii.gz")
-    seg = _regzip(EXAMPLES / "knee_phantom_seg.nii.gz", tmp_path / "up" / "subject_seg.nii.gz")
+    image = regzip(EXAMPLES / "knee_phantom.nii.gz", tmp_path / "up" / "subject.nii.gz")
+    seg = regzip(EXAMPLES / "knee_phantom_seg.nii.gz", tmp_path / "up" / "subject_seg.nii.gz")
     page.goto(url)
     page.locator("#knee-analyse").wait_for()
     # A clean blank page: no result widgets, no placeholder tables, retention not ticked.
