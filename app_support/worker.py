@@ -136,8 +136,12 @@ class WorkerProcess:
             return
         parent, child = socket.socketpair()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH"))
-                                            if p)
+        # cwd=ROOT puts the parent's own copy first on the child's sys.path (-m); from a
+        # checkout, PYTHONPATH passes it on to what the child starts. Installed (ROOT is
+        # site-packages) the packages are importable anyway.
+        if (ROOT / "pyproject.toml").is_file():
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH"))
+                                                if p)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "app_support.worker", str(child.fileno())],

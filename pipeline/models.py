@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import assets
 from . import labels as L
 from .errors import ErrorCode, PipelineError
 
@@ -41,7 +42,7 @@ DOSMA_FILES = {"sagittal": "sagittal_best_model.h5", "coronal": "coronal_best_mo
 DOSMA_GOYAL2024_FILE = "Goyal_Bone_Cart_July_2024_best_model.h5"  # = the sagittal file
 CHECKPOINT_NAMES = ("checkpoint_best.pth", "checkpoint_final.pth")  # preference order
 SUPPORTED_READERS = ("SimpleITKIO", "SimpleITKIOWithReorient", "NibabelIO")
-ASSETS_MODELS = Path(__file__).resolve().parents[1] / "assets" / "models"
+ASSETS_MODELS = assets.MODELS
 _SEARCH_DEPTH = 4  # how deep KNEE_MODEL_DIR is searched for trained-model folders
 
 

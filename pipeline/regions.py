@@ -19,20 +19,17 @@ from __future__ import annotations
 import hashlib
 import warnings
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from . import geometry
+from . import assets, geometry
 from . import labels as L
 from .errors import ErrorCode, PipelineError
 from .stage import StageResult
 
-REFERENCE_KNEE = Path(__file__).resolve().parent.parent / "assets" / "reference" / (
-    "right_knee_example.nrrd"
-)
+REFERENCE_KNEE = assets.REFERENCE / "right_knee_example.nrrd"
 # pymskt's data/right_knee_example.nrrd from the mskt 0.1.22 sdist (MIT; file sha256
 # 90af3273…2aa), re-saved gzip-compressed: same array, origin and direction.
 REFERENCE_FEMUR_LABEL = 5
