@@ -28,11 +28,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchmark_util import peak_mb
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmark_util import peak_mb  # noqa: E402
 
 SHORT = {"sagittal": "sag", "coronal": "cor", "axial": "ax"}
 

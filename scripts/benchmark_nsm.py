@@ -47,14 +47,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+from benchmark_util import cores, peak_mb
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from benchmark_util import cores, peak_mb  # noqa: E402
-
-from pipeline.shape import (  # noqa: E402
+from pipeline.shape import (
     TriMesh,
     TriplanarDecoder,
     bscore,
@@ -63,10 +60,12 @@ from pipeline.shape import (  # noqa: E402
     load_decoder,
     write_nsm_outputs,
 )
-from pipeline.shape import fit as shape_fit  # noqa: E402
-from pipeline.shape import mesh as shape_mesh  # noqa: E402
-from pipeline.shape.decoder import count_parameters  # noqa: E402
-from pipeline.shape.mesh import FIT_PTS_PER_AXIS, MEAN_PTS_PER_AXIS  # noqa: E402
+from pipeline.shape import fit as shape_fit
+from pipeline.shape import mesh as shape_mesh
+from pipeline.shape.decoder import count_parameters
+from pipeline.shape.mesh import FIT_PTS_PER_AXIS, MEAN_PTS_PER_AXIS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CONFIG = ROOT.parent / "shared" / "fixtures" / "nsm" / "config.json"
 # Decoder keys of the published ShapeMedKnee 2024 bone + cartilage model (spec (a)).

@@ -15,7 +15,8 @@ on the OAI DESS grid (384×384×160 voxels at 0.365×0.365×0.7 mm), with:
   trained on (every case 160×384×384 at 0.7×0.365×0.365 mm, one MRI channel, the 10 knee
   labels), so networks, patch sizes, spacings and patch counts match the published cascade as
   far as the planner reproduces it. Folders are written in the published layout by
-  ``tests/nnunet_tiny.py`` (with SGD momentum buffers, like nnU-Net's ~0.8 GB checkpoints).
+  ``pipeline/synthetic/nnunet_tiny.py`` (with SGD momentum buffers, like nnU-Net's ~0.8 GB
+  checkpoints).
   Its labels are garbage: only the timings and memory mean anything.
 
 Each model runs in its own process (``Segmenter.load``, then a call), so its peak
@@ -44,11 +45,9 @@ import time
 from copy import deepcopy
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # nnunet_tiny: the model-folder writer of the tests
+from benchmark_util import cores, peak_mb, proc_status_mb
 
-from benchmark_util import cores, peak_mb, proc_status_mb  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULT_PREFIX = "BENCHMARK_RESULT "
 MODELS = ("demo", "resenc")
@@ -95,9 +94,10 @@ def plan_resenc_m() -> dict:
             d.mkdir()
             os.environ[k] = str(d)  # before nnunetv2 is imported (older versions read it then)
         try:
-            import nnunet_tiny as T
             from nnunetv2.experiment_planning.experiment_planners.residual_unets.\
                 residual_encoder_unet_planners import nnUNetPlannerResEncM
+
+            from pipeline.synthetic import nnunet_tiny as T
 
             raw = dirs["nnUNet_raw"] / T.DATASET
             pre = dirs["nnUNet_preprocessed"] / T.DATASET
@@ -147,7 +147,7 @@ def plan_resenc_m() -> dict:
 
 def write_resenc_model(root: Path) -> Path:
     """Random-weight cascade folders under ``root/Dataset500_KneeMRI`` (reused if current)."""
-    import nnunet_tiny as T
+    from pipeline.synthetic import nnunet_tiny as T
 
     plans = plan_resenc_m()
     dataset_dir = root / T.DATASET

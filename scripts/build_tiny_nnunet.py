@@ -16,12 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the builder is shared with the test-suite
-
 
 def main(argv: list[str] | None = None) -> int:
-    import nnunet_tiny
+    from pipeline.synthetic import nnunet_tiny
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", type=Path)

@@ -19,16 +19,14 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipeline.run import Options, run
+from pipeline.synthetic import phantom as P
+from pipeline.synthetic.dicom_writer import zip_series
 
-from pipeline.run import Options, run  # noqa: E402
-from pipeline.synthetic import phantom as P  # noqa: E402
-from pipeline.synthetic.dicom_writer import zip_series  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 EXAMPLE = ROOT / "assets" / "examples"
 NSM_FIXTURE = ROOT.parent / "shared" / "fixtures" / "nsm"

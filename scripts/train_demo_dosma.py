@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipeline.dosma2d import processing as P
+from pipeline.dosma2d.keras_h5 import build_graph, save_keras_h5
+from pipeline.models import DOSMA_FILES
+from pipeline.synthetic import phantom
 
-from pipeline.dosma2d import processing as P  # noqa: E402
-from pipeline.dosma2d.keras_h5 import build_graph, save_keras_h5  # noqa: E402
-from pipeline.models import DOSMA_FILES  # noqa: E402
-from pipeline.synthetic import phantom  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT = ROOT / "assets" / "models" / "demo_dosma"
 SIZES = {"sagittal": (128, 128), "coronal": (64, 128), "axial": (64, 128)}

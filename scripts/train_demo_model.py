@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DATASET_ID = 990
 DATASET = f"Dataset{DATASET_ID}_KneePhantom"

@@ -12,7 +12,6 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import nnunet_tiny as T
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -21,6 +20,7 @@ from pipeline import labels as L
 from pipeline import models, process, segment
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.inputs import LoadedImage
+from pipeline.synthetic import nnunet_tiny as T
 from pipeline.synthetic import phantom
 
 # Output biases that make the random models predict femur or tibia almost everywhere, so the

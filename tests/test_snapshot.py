@@ -8,18 +8,25 @@ it only with a change meant to move results, and say so in that commit.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import metrics_snapshot  # noqa: E402
 
+def _script(name: str):
+    """``scripts/{name}.py`` as a module (scripts/ is a folder of programs, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+metrics_snapshot = _script("metrics_snapshot")
 SNAPSHOT = json.loads((ROOT / "tests" / "data" / "metrics_snapshot.json").read_text())
 TOL = 1e-9
 

@@ -1,4 +1,5 @@
-"""Tiny nnU-Net v2 trained-model folders for tests (random weights, real layout, seconds to build).
+"""Tiny nnU-Net v2 trained-model folders (random weights, real layout, seconds to build): for
+tests, ``scripts/build_tiny_nnunet.py`` and ``scripts/benchmark_segmentation.py``.
 
 The folders look like the published ``aagatti/nnunet_knee`` ones:
 ``<root>/<dataset>/<trainer>__<plans>__<configuration>/{dataset.json, plans.json,
