@@ -37,6 +37,7 @@ class ErrorCode(str, Enum):
     JOB_STORE_INVALID = "JOB_STORE_INVALID"  # the app's job store is corrupt or not its own
     DISK_FULL = "DISK_FULL"  # no space left to write a job's results
     INVALID_MANIFEST = "INVALID_MANIFEST"  # a cohort manifest that cannot be run as given
+    CLUSTER_MISMATCH = "CLUSTER_MISMATCH"  # a Dask worker lacks the project, its version, model
     INTERNAL = "INTERNAL"
 
 

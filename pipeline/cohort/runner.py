@@ -26,9 +26,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..errors import ErrorCode, PipelineError
 from . import case as C
 from . import tables
+from .cluster import GPU, require_compatible
 from .manifest import Case, read_manifest
-
-GPU = "GPU"
 
 
 @dataclass
@@ -83,7 +82,13 @@ def run_cohort(
 
     cluster_info: dict = {}
     if todo:
-        with _client(workers, scheduler) as client:
+        # The model only matters when a case has no segmentation of its own.
+        model = None
+        if any(case.seg is None for case in todo):
+            from ..models import DEFAULT_MODEL
+
+            model = options.model or DEFAULT_MODEL
+        with _client(workers, scheduler, model) as client:
             cluster_info = _describe(client)
             bar.start(client.dashboard_link if cluster_info.get("dashboard") else None,
                       cluster_info)
@@ -181,7 +186,9 @@ def _outcome(future, case: Case, out: Path, options_hash: str) -> dict:
 
 
 @contextmanager
-def _client(workers: int | None, scheduler: str | None):
+def _client(workers: int | None, scheduler: str | None, model: str | None):
+    """A client of the cluster, its workers checked (``cluster.require_compatible``) and
+    given the segmenter plugin."""
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
@@ -191,6 +198,7 @@ def _client(workers: int | None, scheduler: str | None):
             raise PipelineError(ErrorCode.INVALID_PARAMETERS,
                                 f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
         with client:
+            require_compatible(client, model)  # before anything of the project is sent
             client.register_plugin(SegmenterPlugin())
             yield client
         return
