@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 try:  # ZeroGPU needs `spaces` imported before anything touches CUDA (torch is imported later)
@@ -27,11 +26,10 @@ from app_support.service import (
     duration_text,
     has_rows,
 )
+from pipeline.assets import EXAMPLES
 from pipeline.errors import PipelineError
 from pipeline.run import Options
 
-ROOT = Path(__file__).resolve().parent
-EXAMPLES = ROOT / "assets" / "examples"
 EXAMPLE_IMAGE = EXAMPLES / "knee_phantom.nii.gz"
 EXAMPLE_SEG = EXAMPLES / "knee_phantom_seg.nii.gz"
 JOBS_GROUP = "jobs"  # events that submit and follow pipeline jobs

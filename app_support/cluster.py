@@ -87,6 +87,7 @@ class DaskRunner:
         self.starts = 0
         self._workers: dict[str, dict[str, Any]] = {}  # usable workers: address -> info
         self._refused: dict[str, str] = {}  # workers that cannot run jobs: address -> why
+        self._checked: dict[str, str | None] = {}  # every worker checked: address -> problem
         self._listeners: dict[str, queue.Queue] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -141,9 +142,17 @@ class DaskRunner:
         if self.client.status != "running":
             raise ConnectionError(f"client {self.client.status}")
         info = workers_now(self.client)
+        if set(info) - set(self._checked):  # new workers: the cohort's project check first
+            from pipeline.cohort.cluster import check_workers
+
+            for w in check_workers(self.client, None, timeout_s=30):
+                self._checked[w.address] = w.problem
+                if w.problem:
+                    log.error("Dask worker %s cannot run jobs: %s", w.address, w.problem)
         usable = {a: {"host": w.get("host"), "gpu": w.get("resources", {}).get(GPU, 0) > 0,
-                      "nthreads": w.get("nthreads")} for a, w in info.items()}
-        refused: dict[str, str] = {}
+                      "nthreads": w.get("nthreads")} for a, w in info.items()
+                  if a in self._checked and not self._checked[a]}
+        refused = {a: why for a, why in self._checked.items() if why and a in info}
         with self._lock:
             self._workers = usable
             self._refused = refused

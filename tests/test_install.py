@@ -135,10 +135,6 @@ def test_app_worker_process_runs_from_the_install(venv: Path, tmp_path: Path) ->
         tmp_path / "job" / "knee_phantom_results.zip")
 
 
-@pytest.mark.xfail(strict=True, reason="app.py looks for its example at ROOT/assets/examples, "
-                   "absent from an install, so an installed knee-app stops in build_demo "
-                   "(FileNotFoundError); it should use pipeline.assets.EXAMPLES (app.py is being "
-                   "changed elsewhere). Remove this mark when that is done.")
 def test_app_example_is_found_when_installed(venv: Path) -> None:
     proc = _run([venv, "-c", "import app; print(app.EXAMPLE_IMAGE.is_file())"])
     assert proc.returncode == 0, proc.stderr

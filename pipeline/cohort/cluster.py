@@ -90,7 +90,8 @@ def check_workers(client, model: str | None = None, *,
     """Probe every worker of ``client``'s cluster (all at once, each within ``timeout_s``);
     ``model``: the segmentation model the cohort will use (checked on the workers that would
     segment: those offering ``GPU`` when any does, else all)."""
-    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    # Asked now: Client.scheduler_info's cache can be replaced by one without workers.
+    workers = client.sync(client.scheduler.identity, n_workers=-1).get("workers", {})
     answers = client.sync(_ask_workers, client, list(workers), model, timeout_s)
     segmenting = _segmenting({a: w.get("resources", {}) for a, w in workers.items()})
     version, digest = local_identity()
