@@ -29,6 +29,7 @@ from concurrent.futures import CancelledError
 from datetime import datetime, timezone
 from typing import Any
 
+from pipeline.cohort.cluster import workers_now
 from pipeline.errors import ErrorCode
 
 from .worker import Failure, JobSpec, run_spec
@@ -65,12 +66,6 @@ def cluster_job(spec: JobSpec, key: str) -> tuple[Any, dict[str, Any]]:
         "fraction": step.fraction}), segmenter=worker_segmenter())
     where["finished_utc"] = _now()
     return outcome, where
-
-
-def workers_now(client) -> dict[str, dict[str, Any]]:
-    """The scheduler's workers, asked now. (``Client.scheduler_info`` returns a cache that the
-    client's own heartbeat may have just replaced by one without per-worker entries.)"""
-    return client.sync(client.scheduler.identity, n_workers=-1).get("workers", {})
 
 
 class DaskRunner:

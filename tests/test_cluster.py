@@ -232,14 +232,19 @@ class _FakeClient:
     def __init__(self, workers: dict[str, dict], answers: dict, scheduler_answer=None):
         self.workers, self.answers = workers, answers
         self.scheduler_answer = scheduler_answer
-        self.scheduler = type("Rpc", (), {"address": "tcp://10.0.0.1:8786"})()
+        fake = self
+
+        class Rpc:
+            address = "tcp://10.0.0.1:8786"
+
+            async def identity(self, n_workers=-1):
+                return {"workers": fake.workers}
+
+        self.scheduler = Rpc()
         self.model = "unset"
 
-    def scheduler_info(self, n_workers=-1):
-        return {"workers": self.workers}
-
-    def sync(self, fn, *args):
-        return asyncio.run(fn(*args))
+    def sync(self, fn, *args, **kwargs):
+        return asyncio.run(fn(*args, **kwargs))
 
     async def run(self, fn, model, *, workers, on_error, asynchronous, callback_timeout):
         assert fn is probe.probe and on_error == "return" and asynchronous

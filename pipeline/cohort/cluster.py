@@ -85,13 +85,18 @@ def install_hint() -> str:
     return f"pip install {DISTRIBUTION}=={__version__}"
 
 
+def workers_now(client) -> dict[str, dict]:
+    """The scheduler's workers, asked now. (``Client.scheduler_info`` returns a cache that the
+    client's own heartbeat may have just replaced by one without per-worker entries.)"""
+    return client.sync(client.scheduler.identity, n_workers=-1).get("workers", {})
+
+
 def check_workers(client, model: str | None = None, *,
                   timeout_s: float = CHECK_TIMEOUT_S) -> list[WorkerInfo]:
     """Probe every worker of ``client``'s cluster (all at once, each within ``timeout_s``);
     ``model``: the segmentation model the cohort will use (checked on the workers that would
     segment: those offering ``GPU`` when any does, else all)."""
-    # Asked now: Client.scheduler_info's cache can be replaced by one without workers.
-    workers = client.sync(client.scheduler.identity, n_workers=-1).get("workers", {})
+    workers = workers_now(client)
     answers = client.sync(_ask_workers, client, list(workers), model, timeout_s)
     segmenting = _segmenting({a: w.get("resources", {}) for a, w in workers.items()})
     version, digest = local_identity()
