@@ -89,13 +89,13 @@ def outcome_of(exc: BaseException) -> JobOutcome:
 class JobManager:
     """The durable queue's runners and the live views of this process's jobs.
 
-    ``queue_max`` bounds the jobs waiting (not running). ``on_end(job, request)`` runs once a
+    ``queue_max`` bounds the jobs waiting (not running). ``on_end(job, request, state)`` runs once a
     job has ended, before anyone can see it ended (its uploads, its folder). ``slots`` runner
     threads run jobs, at most ``capacity()`` at once (all of them when not given).
     """
 
     def __init__(self, store: JobStore, work: Work, queue_max: int, *,
-                 on_end: Callable[[Job, AnalysisRequest | None], None] | None = None,
+                 on_end: Callable[[Job, AnalysisRequest | None, str], None] | None = None,
                  slots: int = 1, capacity: Callable[[], int] | None = None,
                  tick_s: float = 5.0):
         self.store = store
@@ -281,7 +281,7 @@ class JobManager:
              extras: Any) -> None:
         if self._on_end is not None:  # before anyone can see the job ended (uploads, files)
             try:
-                self._on_end(job, request)
+                self._on_end(job, request, outcome.state if outcome is not None else FAILED)
             except Exception:
                 log.exception("job end hook failed")
         row = self.store.get(job.id)
@@ -301,7 +301,7 @@ class JobManager:
         row = self.store.get(job_id)
         if self._on_end is not None and row is not None:
             try:
-                self._on_end(Job.of(row), row.request)
+                self._on_end(Job.of(row), row.request, row.state)
             except Exception:
                 log.exception("job end hook failed")
 

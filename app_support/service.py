@@ -262,20 +262,18 @@ class AnalysisService:
             log.exception("research retention failed")  # the user's result still counts
             return None
 
-    def _job_ended(self, job: Job, req: AnalysisRequest | None) -> None:
+    def _job_ended(self, job: Job, req: AnalysisRequest | None, state: str) -> None:
         """The job's own copies of the uploads go; a job without results loses its folder.
         A page's uploads: deleted after a done job; after a failed one kept for a retry (the
         session's end or the orphan sweep deletes them if nobody does)."""
         files = JobFiles(self.settings.results_dir, job.id)
-        row = self.store.get(job.id)
-        if row is not None and row.state == DONE:
+        if state == DONE:
             files.drop_inputs()
         else:
             files.remove()
         lease = self._leases.pop(job.id, None)
         if lease is not None:
-            self.uploads.release(lease, delete=row is not None and (row.state == DONE
-                                                                    or not req or not req.page))
+            self.uploads.release(lease, delete=state == DONE or not req or not req.page)
 
     def _clean_leftovers(self) -> None:
         """After a stop: the uploads of the jobs it left (each job has its own copies, and no

@@ -244,7 +244,7 @@ def test_a_dead_worker_reruns_the_job_once_then_worker_crashed(tmp_path: Path) -
 
     ended = []
     manager = JobManager(JobStore(tmp_path / "jobs.sqlite"), work, queue_max=5, tick_s=0.2,
-                         on_end=lambda job, req: ended.append(job.id)).start()
+                         on_end=lambda job, req, state: ended.append(job.id)).start()
     try:
         once = manager.submit("once-aaaaaaaaaaaaaaaaaa", _request("once"))
         always = manager.submit("always-aaaaaaaaaaaaaaaa", _request("always"))
