@@ -137,7 +137,15 @@ class JobManager:
     def submit(self, job_id: str, request: AnalysisRequest) -> Job:
         """Queue a job, or refuse with QUEUE_FULL (saying how long to wait)."""
         try:
-            row = self.store.add(job_id, request, queue_max=self.queue_max)
+            # The live view is in place before any runner can claim the row: a runner that
+            # found none would make its own, and this job's followers would wait on a view
+            # nobody updates (seen as a client never told its job had ended).
+            with self._claiming:
+                row = self.store.add(job_id, request, queue_max=self.queue_max)
+                job = Job.of(row)
+                with self._cond:
+                    self._live[job.id] = job
+                    self._cond.notify_all()
         except PipelineError as exc:
             if exc.code != ErrorCode.QUEUE_FULL:
                 raise
@@ -147,10 +155,6 @@ class JobManager:
                 ErrorCode.QUEUE_FULL,
                 f"{waiting} jobs are waiting, the most this server queues; try again in about "
                 f"{minutes} min.") from None
-        job = Job.of(row)
-        with self._cond:
-            self._live[job.id] = job
-            self._cond.notify_all()
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -321,7 +325,13 @@ class JobManager:
             else:
                 row = self.store.get(job_id)
                 with self._cond:
-                    self._live[job_id] = Job.of(row)
+                    job = self._live.get(job_id)
+                    if job is None:
+                        self._live[job_id] = Job.of(row)
+                    else:  # followers hold this object: update it, never replace it
+                        job.state, job.step, job.fraction = row.state, row.step, row.fraction
+                        job.attempts = row.attempts
+                        self._touch(job)
 
     def _heartbeat(self) -> None:
         every = max(self.store.lease_s / 3, 0.2)

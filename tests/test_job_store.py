@@ -233,6 +233,31 @@ def test_queue_order_positions_and_queue_full(tmp_path: Path) -> None:
     assert about(42) == "about 40 s" and about(185) == "about 3 min"
 
 
+def test_a_job_claimed_the_moment_it_is_queued_still_tells_its_follower(tmp_path: Path) -> None:
+    """The row is claimable as soon as it is written; the object ``submit`` returns (what the
+    page and the API follow) must be the one the runner updates, however fast it claims."""
+    def work(job, request, on_step):
+        return JobOutcome(DONE, status="Done", seconds=0.0), None
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    manager = JobManager(store, work, queue_max=5, slots=4, tick_s=0.01).start()
+    add = store.add
+
+    def slow_add(*args, **kwargs):  # a runner wakes between the row and the live view
+        row = add(*args, **kwargs)
+        time.sleep(0.3)
+        return row
+
+    store.add = slow_add
+    try:
+        jobs_ = [manager.submit(f"id{i}-aaaaaaaaaaaaaaaaaa", _request(str(i))) for i in range(3)]
+        for j in jobs_:
+            _wait_ended(manager, j, timeout=5)
+        assert all(j.state == DONE and j.outcome.status == "Done" for j in jobs_)
+    finally:
+        manager.shutdown()
+
+
 def test_a_dead_worker_reruns_the_job_once_then_worker_crashed(tmp_path: Path) -> None:
     runs: dict[str, int] = {}
 
