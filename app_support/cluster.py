@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 TOPIC = "knee-app-job"  # the Dask event topic of the jobs' start and step events
 GPU = "GPU"
+GONE = ("closing", "closed", "failed")  # client states Dask does not come back from
 
 
 def _now() -> str:
@@ -76,6 +77,7 @@ class DaskRunner:
         self.max_jobs = max_jobs
         self.check_s = check_s
         self.client = None
+        self._comm = None  # the client's scheduler connection the subscriptions were made on
         self.error: str | None = f"connecting to the Dask scheduler at {address}"
         self.info: dict[str, Any] = {"device": "cluster", "gpu": None}
         self.pid = None  # no local worker process
@@ -110,6 +112,8 @@ class DaskRunner:
     def _watch(self) -> None:
         while not self._stop.is_set():
             try:
+                if self.client is not None and self.client.status in GONE:
+                    self._drop_client()  # Dask gave up reconnecting: start afresh
                 if self.client is None:
                     self._connect()
                 self._survey()
@@ -123,19 +127,38 @@ class DaskRunner:
     def _connect(self) -> None:
         from distributed import Client
 
-        from pipeline.cohort.runner import SegmenterPlugin
-
         client = Client(self.address, timeout=10, set_as_default=False)
-        client.register_plugin(SegmenterPlugin())
-        client.subscribe_topic(TOPIC, self._on_event)
         self.client = client
+        self._subscribe(client)
         self.starts += 1
         log.info("connected to the Dask scheduler %s", self.address)
+
+    def _subscribe(self, client) -> None:
+        """The worker plugin and the jobs' event topic, on this connection to the scheduler."""
+        from pipeline.cohort.runner import SegmenterPlugin
+
+        client.register_plugin(SegmenterPlugin())
+        client.subscribe_topic(TOPIC, self._on_event)
+        self._comm = client.scheduler_comm
+
+    def _drop_client(self) -> None:
+        client, self.client = self.client, None
+        with self._lock:
+            self._workers = {}
+        try:
+            client.close(timeout=5)
+        except Exception:
+            log.warning("closing a lost Dask client failed", exc_info=True)
 
     def _survey(self) -> None:
         """Which workers may run jobs now (same project version, resources)."""
         if self.client.status != "running":
             raise ConnectionError(f"client {self.client.status}")
+        if self.client.scheduler_comm is not self._comm:
+            # The client reconnected by itself: a scheduler that restarted knows neither the
+            # topic subscription nor the plugin of the old connection.
+            log.warning("reconnected to the Dask scheduler %s", self.address)
+            self._subscribe(self.client)
         info = workers_now(self.client)
         if set(info) - set(self._checked):  # new workers: the cohort's project check first
             from pipeline.cohort.cluster import check_workers

@@ -78,7 +78,9 @@ def test_app_runs_its_jobs_on_a_dask_cluster_and_survives_a_dead_worker(tmp_path
     sched_port, app_port = free_port(), free_port()
     address = f"tcp://127.0.0.1:{sched_port}"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
-           "TMPDIR": str(tmp_path / "tmp"), "PYTHONPATH": str(ROOT)}
+           "TMPDIR": str(tmp_path / "tmp"), "PYTHONPATH": str(ROOT),
+           # two workers share two cores: one process each for the meshes (README)
+           "KNEE_MESH_PROCESSES": "1"}
     env.pop("KNEE_RESULT_TTL_S", None)
     (tmp_path / "tmp").mkdir()
     app_env = {**env, "KNEE_DASK_SCHEDULER": address, "KNEE_APP_PORT": str(app_port),
@@ -172,9 +174,20 @@ def test_app_runs_its_jobs_on_a_dask_cluster_and_survives_a_dead_worker(tmp_path
         last = client.predict(handle_file(str(cases[6][0])), handle_file(str(cases[6][1])),
                               OWN_SEG, "none", 0.3125, "", False, api_name="/analyze")
         assert last[0].startswith("Done")  # the app keeps serving
+    except BaseException as exc:  # CI keeps only the output's tail: say what the processes said
+        raise AssertionError(_tails(tmp_path / "app.log", log)) from exc
     finally:
         for proc in reversed(procs):
             _kill(proc)
+
+
+def _tails(*logs: Path, lines: int = 30) -> str:
+    out = []
+    for path in logs:
+        text = path.read_text(errors="replace").splitlines() if path.exists() else []
+        out.append(f"--- last {lines} lines of {path.name}:\n" + "\n".join(
+            line[:300] for line in text[-lines:]))
+    return "\n".join(out)
 
 
 
