@@ -49,7 +49,7 @@ class Job:
     created: float
     started: float | None = None
     finished: float | None = None
-    step: str = ""  # e.g. "[2/9] Segmentation"
+    step: str = ""  # e.g. "[2/10] Segmentation"
     fraction: float = 0.0
     attempts: int = 0
     outcome: JobOutcome | None = None

@@ -78,6 +78,30 @@ def t2_key(region: str, stat: str, layer: str = "all") -> str:
     return f"{region}{T2_LAYERS[layer]}_t2_ms_{stat}"
 
 
+# Meniscus sides: key prefix -> (meniscus label, the tibial cartilage it sits on, pymskt's name).
+MENISCUS_SIDES: dict[str, tuple[int, int, str]] = {
+    "med": (MED_MENISCUS, MED_TIB_CART, "medial"),
+    "lat": (LAT_MENISCUS, LAT_TIB_CART, "lateral"),
+}
+# The meniscus measures per side, in output order: key suffix -> unit (for tables and docs).
+MENISCUS_MEASURES: dict[str, str] = {
+    "men_volume_mm3": "mm³", "men_extrusion_mm": "mm", "men_coverage_pct": "%",
+    "men_covered_area_mm2": "mm²", "tib_cart_area_mm2": "mm²",
+}
+
+
+def meniscus_key(side: str, measure: str) -> str:
+    """``{med|lat}_{measure}``: a meniscus measure of one side (``MENISCUS_MEASURES``)."""
+    if side not in MENISCUS_SIDES or measure not in MENISCUS_MEASURES:
+        raise KeyError(f"no meniscus key {side!r} {measure!r}")
+    return f"{side}_{measure}"
+
+
+def meniscus_keys() -> list[str]:
+    """Every meniscus column, medial side first."""
+    return [meniscus_key(side, m) for side in MENISCUS_SIDES for m in MENISCUS_MEASURES]
+
+
 def shape_keys(prefix: str) -> tuple[str, str, str]:
     """BScore, bone ASSD and cartilage ASSD columns of one shape-model variant."""
     return f"{prefix}_bscore", f"{prefix}_assd_bone_mm", f"{prefix}_assd_cartilage_mm"

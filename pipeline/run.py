@@ -1,7 +1,7 @@
 """One entry point that runs the stages in order: ``run(input, out_dir, Options(), ...)``.
 
 Data flows one way: load → segmentation → canonical orientation → femoral subregions →
-meshes and thickness per bone → T2 (qDESS) → shape model → package. Each step is reported
+meshes and thickness per bone → menisci → T2 (qDESS) → shape model → package. Each step is reported
 through the ``progress`` callback as a ``Step`` (name, index, total, fraction).
 """
 
@@ -130,6 +130,7 @@ STAGES = (
     "Femur surface and thickness",
     "Tibia surface and thickness",
     "Patella surface and thickness",
+    "Menisci",
     "T2 mapping",
     "Shape model",
     "Writing results",
@@ -234,6 +235,14 @@ def run(
             done.append(morphometry)
         bones = morphometry.data["bones"]
 
+        with track.stage("Menisci"):
+            from . import meniscus
+
+            menisci = meniscus.stage(seg_c, bones, outputs, smooth_var=options.cart_smooth_var,
+                                     tmp_dir=job_tmp,
+                                     frame=viz.knee_frame(bones, seg_c) if bones else None)
+            done.append(menisci)
+
         with track.stage("T2 mapping"):
             from .t2.stage import stage as t2_stage
 
@@ -274,6 +283,7 @@ def run(
                     # Each bone surface's own seconds (they overlap the stages above when
                     # in workers).
                     "surface_seconds": morphometry.info["surface_seconds"],
+                    **menisci.info,
                 },
             )
             outputs.write_json(provenance, f"{loaded.stem}_provenance.json")

@@ -101,7 +101,7 @@ def _large_enough(seg: sitk.Image, labels_: list[int], notes: list[str], what: s
     return kept
 
 
-def _make_surface(mesh, smooth_var: float, tmp_dir: Path) -> None:
+def make_surface(mesh, smooth_var: float, tmp_dir: Path) -> None:
     """pymskt's ``Mesh.create_mesh`` (same call, same defaults) with its temporary NRRD in
     ``tmp_dir``: pymskt puts it in the process-wide temp root under a name from ``random``,
     which neither concurrent jobs nor forked workers can share safely."""
@@ -123,7 +123,7 @@ def _cartilage_meshes(
     meshes = []
     for lab in labels_:
         mesh = CartilageMesh(seg_image=seg, label_idx=lab, min_n_pixels=1)
-        _make_surface(mesh, smooth_var, tmp_dir)
+        make_surface(mesh, smooth_var, tmp_dir)
         meshes.append(mesh)
     return meshes
 
@@ -131,7 +131,7 @@ def _cartilage_meshes(
 def _bone_mesh(seg: sitk.Image, spec: BoneSpec, carts: list[int], smooth_var: float,
                tmp_dir: Path):
     """pymskt's ``BoneMesh.create_mesh``: the femur (distal) or tibia (proximal) label cropped
-    to ``crop_percent`` of its width first, then the surface (see ``_make_surface``)."""
+    to ``crop_percent`` of its width first, then the surface (see ``make_surface``)."""
     from pymskt.image import crop_bone_based_on_width
     from pymskt.mesh import BoneMesh
 
@@ -142,7 +142,7 @@ def _bone_mesh(seg: sitk.Image, spec: BoneSpec, carts: list[int], smooth_var: fl
         )
     bone = BoneMesh(seg_image=seg, label_idx=spec.bone_label,
                     list_cartilage_labels=carts or None, bone=spec.name, min_n_pixels=1)
-    _make_surface(bone, smooth_var, tmp_dir)
+    make_surface(bone, smooth_var, tmp_dir)
     return bone
 
 

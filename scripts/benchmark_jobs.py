@@ -43,7 +43,7 @@ def store_overhead(root: Path, n: int) -> list[str]:
         store.add(job_id, AnalysisRequest("inputs/0/x.nii.gz", "inputs/1/x_seg.nii.gz"))
         row = store.claim(me)
         for step in range(1, 10):
-            store.progress(row.id, me, f"[{step}/9] step", step / 9)
+            store.progress(row.id, me, f"[{step}/10] step", step / 10)
         for _ in range(3):
             store.heartbeat([row.id], me)
         store.finish(row.id, me, outcome)

@@ -190,7 +190,7 @@ def test_bad_inputs_fail_with_codes_then_example_runs_end_to_end(app: App) -> No
     assert status.startswith("Done")
     steps = [o[0] for o in job.outputs() if isinstance(o[0], str)]
     assert steps[0].startswith("job ") and " in line" in steps[0]  # the id comes first
-    assert any("/9] " in s for s in steps)  # streamed status updates
+    assert any("/10] " in s for s in steps)  # streamed status updates
 
     names = set(zipfile.ZipFile(zip_path).namelist())
     assert {"subject_results.csv", "subject_provenance.json",
@@ -265,13 +265,13 @@ def test_page_job_adds_viewers_without_keeping_pixels(app: App) -> None:
     files, legend, tmap, qc_md, qc_df, choice, html, axis, slider, overlay = out[8:]
     assert [Path(f).name for f in files] == [
         "knee_thickness.glb", "femur_thickness.glb", "tibia_thickness.glb",
-        "patella_thickness.glb"]
+        "patella_thickness.glb", "menisci_coverage.glb"]
     assert Path(files[0]).read_bytes()[:4] == b"glTF"
     assert Path(legend).name == "thickness_legend.png"
     assert Path(tmap).name == "subject_thickness_map.png"
     assert "plausible: yes" in qc_md
     assert [r[1] for r in qc_df["data"]][:2] == ["patellar cartilage", "femoral cartilage"]
-    assert choice["value"] == "knee_thickness.glb" and len(choice["choices"]) == 4
+    assert choice["value"] == "knee_thickness.glb" and len(choice["choices"]) == 5
     assert "data:image/png;base64," in html and "sagittal slice" in html
     assert slider["maximum"] > 1 and overlay["choices"] == [["labels", "labels"],
                                                            ["none", "none"]]
@@ -372,7 +372,7 @@ def test_client_killed_mid_job_the_job_finishes_and_the_server_stays_fast(app: A
     seg = _regzip(EXAMPLE_SEG, app.root / "killed" / "gone_seg.nii.gz")
     client = ClientProcess(app, image, seg, app.root / "killed" / "dl")
     job_id = client.job_id()
-    client.wait_for(lambda t: "[3/9]" in t or "[4/9]" in t, 120)  # running
+    client.wait_for(lambda t: "[3/10]" in t or "[4/10]" in t, 120)  # running
     client.kill()
     with pytest.raises(AppError, match=r"\[JOB_RUNNING\].*running"):
         app.client.predict(job_id, api_name="/result")
@@ -450,7 +450,7 @@ def _attempt_running(app: App, job_id: str, attempt: int) -> bool:
     """The job is past loading in its ``attempt``-th run (read from the job store)."""
     row = app.demo.knee_service.store.get(job_id)
     return (row is not None and row.state == "running" and row.attempts == attempt
-            and row.step.startswith(("[3/9]", "[4/9]", "[5/9]")))
+            and row.step.startswith(("[3/10]", "[4/10]", "[5/10]")))
 
 
 def test_twelve_clients_at_once_all_done_one_at_a_time(app: App) -> None:

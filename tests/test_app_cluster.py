@@ -157,7 +157,7 @@ def test_app_runs_its_jobs_on_a_dask_cluster_and_survives_a_dead_worker(tmp_path
 
             def running_on() -> str | None:
                 st = client.predict(victim_id, api_name="/status")
-                if st["state"] != "running" or not st["step"].startswith(("[3/9]", "[4/9]")):
+                if st["state"] != "running" or not st["step"].startswith(("[3/10]", "[4/10]")):
                     return None
                 busy = [a for a, keys in dc.processing().items()
                         if any(str(k).startswith("knee-job-") for k in keys)]

@@ -170,7 +170,7 @@ def test_page_upload_analyse_and_viewers(server, page, tmp_path: Path) -> None:
     page.locator("#knee-seg input[type=file]").set_input_files(str(seg))
     page.locator("#knee-seg", has_text="subject_seg.nii").filter(has_text="KB").wait_for()
     other = _other_client_job(url, tmp_path)
-    while not any(isinstance(o[0], str) and "/9]" in o[0] for o in other.outputs()):
+    while not any(isinstance(o[0], str) and "/10]" in o[0] for o in other.outputs()):
         time.sleep(0.2)
     t0 = time.monotonic()
     page.locator("#knee-analyse").click()

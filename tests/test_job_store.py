@@ -202,7 +202,7 @@ def test_queue_order_positions_and_queue_full(tmp_path: Path) -> None:
     order = []
 
     def work(job, request, on_step):
-        on_step("[1/9] Loading input", 0.1)
+        on_step("[1/10] Loading input", 0.1)
         gate.wait(10)
         order.append(request.image)
         return JobOutcome(DONE, status="Done", seconds=0.1), None
@@ -212,11 +212,11 @@ def test_queue_order_positions_and_queue_full(tmp_path: Path) -> None:
     try:
         jobs_ = [manager.submit("id0-aaaaaaaaaaaaaaaaaa", _request("0"))]
         deadline = time.time() + 5
-        while jobs_[0].step != "[1/9] Loading input" and time.time() < deadline:
+        while jobs_[0].step != "[1/10] Loading input" and time.time() < deadline:
             time.sleep(0.01)
         jobs_ += [manager.submit(f"id{i}-aaaaaaaaaaaaaaaaaa", _request(str(i))) for i in (1, 2)]
         assert [manager.position(j) for j in jobs_] == [0, 1, 2]
-        assert manager.store.get(jobs_[0].id).step == "[1/9] Loading input"  # persisted
+        assert manager.store.get(jobs_[0].id).step == "[1/10] Loading input"  # persisted
         with pytest.raises(PipelineError, match=r"2 jobs are waiting.*about \d+ min"):
             manager.submit("id9-aaaaaaaaaaaaaaaaaa", _request("9"))
         assert manager.get(jobs_[1].id) is jobs_[1] and manager.get("nope") is None

@@ -30,7 +30,13 @@ CONDYLE_CENTER_M = 19.0  # notch between condyles: 2 * (19 - 11) = 16 mm
 TROCHLEA_RADIUS = 16.0
 TROCHLEA_CENTER = (30.0, -10.0)  # (s, p)
 TROCHLEA_HALF_LENGTH = 30.0
-TIB_FOOTPRINT = (12.0, 18.0)  # semi-axes (m, p) of each tibial cartilage ellipse
+# Semi-axes (m, p) of each tibial cartilage ellipse. Its m rim lies 5 mm past the condyle's
+# end (19 + 16 vs 19 + 11), where the joint opens enough for a meniscus over the cartilage rim.
+TIB_FOOTPRINT = (16.0, 18.0)
+PLATEAU_HALF_M = 40.0  # the plateau reaches 5 mm past the cartilage rim, as in knees
+MENISCUS_INNER_RHO = 0.55  # inner edge of each meniscus ring, in footprint radii
+MENISCUS_HEIGHT = (2.0, 6.0)  # wedge height (mm) at the inner and outer edge
+MENISCUS_MIN_MM = 2.0  # no meniscus where the joint leaves less room than this
 JOINT_GAP = 1.2
 PATELLA_HALF = (20.0, 16.0, 7.0)  # (m, s, p)
 PATELLA_ROUND = 3.0
@@ -73,6 +79,9 @@ class PhantomSpec:
     tib_dome: float = 0.0  # relative thickening at footprint centre (0 = uniform)
     pat_cart_mm: float = 3.0
     defect_radius_mm: float = 0.0  # focal full-thickness defect in medial weight-bearing cartilage
+    # (medial, lateral) designed meniscal extrusion: the meniscus' outer edge past (+) or
+    # inside (-) the tibial cartilage rim along m, at the footprint's A/P centre.
+    men_extrusion_mm: tuple[float, float] = (3.0, -1.0)
     noise: float = 0.03  # Rician noise sigma relative to cartilage intensity
     bias: float = 0.15  # amplitude of the smooth multiplicative bias field
     seed: int = 0
@@ -174,6 +183,52 @@ def tibial_thickness(m: np.ndarray, p: np.ndarray, spec: PhantomSpec) -> np.ndar
     return base * (1.0 + spec.tib_dome * np.clip(1.0 - rho**2, 0.0, 1.0))
 
 
+def _femoral_ceiling(m, p, spec: PhantomSpec) -> np.ndarray:
+    """The highest s a meniscus may reach at (m, p): 0.8 mm below the condyles' cartilage
+    envelope (the same clearance as ``label_points``' ``clear``, solved for s)."""
+    m, p = np.asarray(m, dtype=float), np.asarray(p, dtype=float)
+    c = max(spec.fem_cart_mm) + 0.8
+    ceiling = np.full(np.broadcast(m, p).shape, np.inf)
+    for mc in (CONDYLE_CENTER_M, -CONDYLE_CENTER_M):
+        dm = np.clip(np.abs(m - mc) - CONDYLE_HALF_WIDTH, 0.0, None)  # past the condyle's end
+        r = CONDYLE_RADIUS + np.sqrt(np.clip(c**2 - dm**2, 0.0, None))
+        under = (dm < c) & (np.abs(p) < r)
+        low = CONDYLE_RADIUS - np.sqrt(np.clip(r**2 - p**2, 0.0, None))
+        ceiling = np.where(under, np.minimum(ceiling, low), ceiling)
+    return ceiling
+
+
+def meniscus_outer_rho(spec: PhantomSpec, medial: bool) -> float:
+    """Outer edge of a meniscus ring in footprint radii (1 = the cartilage rim)."""
+    return 1.0 + spec.men_extrusion_mm[0 if medial else 1] / TIB_FOOTPRINT[0]
+
+
+def designed_menisci(spec: PhantomSpec, *, step_mm: float = 0.2, ray_mm: float = 10.0
+                     ) -> dict[str, dict[str, float]]:
+    """Per side (``med``/``lat``): the designed extrusion (mm) and coverage (% of the tibial
+    cartilage footprint with meniscus within ``ray_mm`` above it along the plateau normal),
+    sampled from ``label_points`` itself on a ``step_mm`` grid of the plateau."""
+    a = np.deg2rad(TIBIA_SLOPE_DEG)
+    top = _layout(spec)["plateau_top"]
+    heights = np.arange(step_mm / 2, ray_mm, step_mm / 2)
+    out = {}
+    for side, medial, lab in (("med", True, L.MED_MENISCUS), ("lat", False, L.LAT_MENISCUS)):
+        mc = CONDYLE_CENTER_M if medial else -CONDYLE_CENTER_M
+        mm = np.arange(mc - TIB_FOOTPRINT[0], mc + TIB_FOOTPRINT[0], step_mm) + step_mm / 2
+        pp = np.arange(-TIB_FOOTPRINT[1], TIB_FOOTPRINT[1], step_mm) + step_mm / 2
+        m2, p2 = np.meshgrid(mm, pp, indexing="ij")
+        foot = _tib_rho(m2, p2, medial) <= 1.0
+        m_f, p_t = m2[foot], p2[foot]
+        covered = np.zeros(len(m_f), dtype=bool)
+        for h in heights:  # plateau frame (h, p_t) -> local (s, p): rotate back by the slope
+            s = top + np.cos(a) * h - np.sin(a) * p_t
+            p = np.sin(a) * h + np.cos(a) * p_t
+            covered |= label_points(m_f, s, p, spec) == lab
+        out[side] = {"extrusion_mm": float(spec.men_extrusion_mm[0 if medial else 1]),
+                     "coverage_pct": float(100.0 * covered.mean())}
+    return out
+
+
 def designed_thickness(points_lps: np.ndarray, bone: str, spec: PhantomSpec) -> np.ndarray:
     """Designed cartilage thickness (mm) for points on ``bone``'s surface (LPS, N × 3).
 
@@ -238,7 +293,7 @@ def label_points(m, s, p, spec: PhantomSpec) -> np.ndarray:
     # Tibia: plateau block and shaft.
     top = lay["plateau_top"]
     s_t, p_t = tibia_frame(s, p, spec)
-    plateau = _box(m, s_t + 7.0, p_t + 1.0, (36.0, 7.0, 23.0))
+    plateau = _box(m, s_t + 7.0, p_t + 1.0, (PLATEAU_HALF_M, 7.0, 23.0))
     tshaft = _cylinder(np.hypot(m, p - 2.0), s - (top - 150.0), 15.0, 145.0)
     d_tib = np.minimum(plateau, tshaft)
 
@@ -271,14 +326,24 @@ def label_points(m, s, p, spec: PhantomSpec) -> np.ndarray:
         foot = _tib_rho(m, p_t, medial) <= 1.0
         out[above & foot & (d_tib <= t_t)] = lab
 
-    # Menisci: wedge rings around each tibial footprint, clear of femoral cartilage.
+    # Menisci: wedge rings on each footprint's periphery, resting on the cartilage (inside the
+    # rim) or the plateau (outside), clear of the femoral cartilage; the outer edge lies
+    # ``men_extrusion_mm`` past the rim along m at p = 0.
+    clear = d_fem > max(spec.fem_cart_mm) + 0.8
     for medial, lab in ((True, L.MED_MENISCUS), (False, L.LAT_MENISCUS)):
         rho = _tib_rho(m, p_t, medial)
-        ring = (rho >= 1.08) & (rho <= 1.5)
-        height = 1.0 + 5.0 * (rho - 1.08) / 0.42
-        wedge = ring & (s_t > 0) & (s_t <= height)
-        clear = d_fem > max(spec.fem_cart_mm) + 0.8
-        out[(out == 0) & wedge & clear] = lab
+        outer = meniscus_outer_rho(spec, medial)
+        ring = (rho >= MENISCUS_INNER_RHO) & (rho <= outer)
+        base = np.where(rho <= 1.0, t_t, 0.0)
+        low, high = MENISCUS_HEIGHT
+        height = low + (high - low) * (rho - MENISCUS_INNER_RHO) / (outer - MENISCUS_INNER_RHO)
+        wedge = ring & (s_t > base) & (s_t <= base + height)
+        # Whole columns only where the joint leaves room for MENISCUS_MIN_MM: a sliver thinner
+        # than the voxels would be lost to the segmentation's smoothing, not to the measure.
+        a = np.deg2rad(TIBIA_SLOPE_DEG)
+        base_s = lay["plateau_top"] + np.cos(a) * base - np.sin(a) * p_t
+        roomy = _femoral_ceiling(m, p, spec) - base_s >= MENISCUS_MIN_MM / np.cos(a)
+        out[(out == 0) & wedge & roomy & clear] = lab
 
     # Patellar cartilage on the flat posterior face.
     face = (
