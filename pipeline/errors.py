@@ -38,6 +38,7 @@ class ErrorCode(str, Enum):
     DISK_FULL = "DISK_FULL"  # no space left to write a job's results
     INVALID_MANIFEST = "INVALID_MANIFEST"  # a cohort manifest that cannot be run as given
     CLUSTER_MISMATCH = "CLUSTER_MISMATCH"  # a Dask worker lacks the project, its version, model
+    INVALID_ECHOES = "INVALID_ECHOES"  # files that do not form one multi-echo (MESE) volume
     INTERNAL = "INTERNAL"
 
 

@@ -54,10 +54,19 @@ class LoadedImage:
     qdess_params: object | None = None  # pipeline.t2.mapping.QDessParams for two-echo series
     qdess_tags_present: bool = False
     warnings: list[str] = field(default_factory=list)
+    mese: object | None = None  # pipeline.mese_input.MeseSeries; ``image`` is then echo 1
+    echo_times_ms: tuple[float, ...] = ()
 
     @property
     def n_echoes(self) -> int:
+        if self.mese is not None:
+            return len(self.mese.echoes)
         return 2 if self.echo1 is not None else 1
+
+    @property
+    def kind(self) -> str:
+        """``mese`` (multi-echo spin echo), ``qdess`` (two-echo qDESS) or ``single``."""
+        return "mese" if self.mese is not None else "qdess" if self.echo1 is not None else "single"
 
     def summary(self) -> dict:
         """JSON-serialisable description (what ``inspect`` prints)."""
@@ -70,6 +79,8 @@ class LoadedImage:
             "origin": [round(v, 4) for v in img.GetOrigin()],
             "orientation": orientation_code(img),
             "echoes": self.n_echoes,
+            "kind": self.kind,
+            "echo_times_ms": list(self.echo_times_ms),
             "qdess_tags_present": self.qdess_tags_present,
             "series_description": self.series_description,
             "warnings": list(self.warnings),
@@ -94,10 +105,12 @@ def input_stem(path: str | os.PathLike) -> str:
 
 
 def load_image(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
-               tmp_dir: str | os.PathLike | None = None) -> LoadedImage:
+               tmp_dir: str | os.PathLike | None = None,
+               echo_times_ms: tuple[float, ...] | None = None) -> LoadedImage:
     """Load and validate an uploaded MRI; raise ``PipelineError`` with a stable code if refused.
     A zip is extracted into a folder under ``tmp_dir`` (default: the temp root), removed after
-    reading."""
+    reading. A multi-echo spin-echo DICOM series, or a 4-D image with ``echo_times_ms``, loads
+    as a MESE (``loaded.mese``; the image is echo 1)."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: file not found")
@@ -105,12 +118,12 @@ def load_image(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
     stem = input_stem(path)
     low = path.name.lower()
     if path.is_dir():
-        loaded = _load_from_folder(path, stem, "dicom-folder")
+        loaded = _load_from_folder(path, stem, "dicom-folder", echo_times_ms)
     elif low.endswith(".zip"):
         with _extracted(path, tmp_dir) as folder:
-            loaded = _load_from_folder(folder, stem, "zip")
+            loaded = _load_from_folder(folder, stem, "zip", echo_times_ms)
     elif low.endswith(IMAGE_EXTENSIONS):
-        loaded = LoadedImage(_read_image_file(path), stem, _format_of(path))
+        loaded = _image_input(path, stem, _format_of(path), echo_times_ms)
     elif low.endswith((".dcm", ".ima")) or _is_dicom(path):
         loaded = _load_single_dicom(path, stem)
     else:
@@ -439,7 +452,30 @@ def _series_description(ds) -> str:
     return str(getattr(ds, "SeriesDescription", "") or "")
 
 
-def _load_from_folder(folder: Path, stem: str, fmt: str) -> LoadedImage:
+def _image_input(path: Path, stem: str, fmt: str,
+                 echo_times_ms: tuple[float, ...] | None) -> LoadedImage:
+    """An image file; a 4-D one with echo times is a MESE (3-D files ignore the echo times:
+    the caller checks that some input used them)."""
+    img = _read_image_file(path)
+    four_d = img.GetDimension() == 4 or img.GetNumberOfComponentsPerPixel() > 1
+    if echo_times_ms is None or not four_d:
+        return LoadedImage(img, stem, fmt)
+    from . import mese_input
+
+    return _mese_loaded(mese_input.from_4d(img, echo_times_ms, path.name), stem, fmt)
+
+
+def _mese_loaded(mese, stem: str, fmt: str) -> LoadedImage:
+    """A ``LoadedImage`` of a MESE: echo 1 is the image (the best anatomical contrast)."""
+    for k, echo in enumerate(mese.echoes):
+        mese.echoes[k] = deidentified(echo)
+    return LoadedImage(mese.echoes[0], stem, fmt, mese.series_description,
+                       warnings=list(mese.warnings), mese=mese,
+                       echo_times_ms=tuple(mese.echo_times_ms))
+
+
+def _load_from_folder(folder: Path, stem: str, fmt: str,
+                      echo_times_ms: tuple[float, ...] | None = None) -> LoadedImage:
     files = _files(folder)
     if not files:
         raise PipelineError(ErrorCode.EMPTY_ARCHIVE, f"{stem}: no files found.")
@@ -465,6 +501,13 @@ def _load_from_folder(folder: Path, stem: str, fmt: str) -> LoadedImage:
             ErrorCode.INVALID_FORMAT,
             f"{stem}: no DICOM series or NIfTI/NRRD/MHA image found in the upload.",
         )
+    if n_found > 1 and not images:
+        from . import mese_input
+
+        if mese_input.is_split_mese([[ds for _, ds in items] for items in series.values()]):
+            datasets = [ds for items in series.values() for _, ds in items]
+            mese = mese_input.load_mese_datasets(datasets, stem, n_series=len(series))
+            return _mese_loaded(mese, stem, fmt)
     if n_found > 1:
         found = [
             f"'{_series_description(items[0][1]) or 'no description'}' ({len(items)} files)"
@@ -476,16 +519,22 @@ def _load_from_folder(folder: Path, stem: str, fmt: str) -> LoadedImage:
             "Upload exactly one series (e.g. the sagittal DESS) per job.",
         )
     if images:
-        return LoadedImage(_read_image_file(images[0]), stem, f"{fmt}:{_format_of(images[0])}")
+        return _image_input(images[0], stem, f"{fmt}:{_format_of(images[0])}", echo_times_ms)
     (items,) = series.values()
     return _load_series(items, stem, fmt)
 
 
 def _load_series(items: list[tuple[Path, object]], stem: str, fmt: str) -> LoadedImage:
+    from . import mese_input
     from .t2 import qdess
 
     description = _series_description(items[0][1])
     datasets = [ds for _, ds in items]
+    kind = mese_input.classify(datasets)
+    if kind == "mese":
+        return _mese_loaded(mese_input.load_mese_datasets(datasets, stem), stem, fmt)
+    if kind is not None:
+        raise mese_input.refusal(kind, len(items))
     if qdess.is_two_echo_series(datasets):
         q = qdess.load_qdess_series([p for p, _ in items])
         echo1 = sitk.Cast(q.echo1, sitk.sitkFloat32)
@@ -494,6 +543,7 @@ def _load_series(items: list[tuple[Path, object]], stem: str, fmt: str) -> Loade
         return LoadedImage(
             rss, stem, fmt, description, echo1=echo1, echo2=echo2,
             qdess_params=q.params, qdess_tags_present=q.tags_present,
+            echo_times_ms=tuple(q.echo_times_ms),
         )
     if len(items) == 1:
         return _load_single_dicom(items[0][0], stem)
