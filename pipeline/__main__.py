@@ -17,8 +17,10 @@ from .errors import PipelineError
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from . import inputs
     from .labels import LABEL_NAMES
+    from .mese_input import parse_echo_times
 
-    loaded = inputs.load_image(args.input, max_bytes=int(args.max_mb * 1024**2))
+    loaded = inputs.load_image(args.input, max_bytes=int(args.max_mb * 1024**2),
+                               echo_times_ms=parse_echo_times(args.echo_times))
     summary = loaded.summary()
     if args.seg:
         import numpy as np
@@ -46,7 +48,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     result = run(
         args.input, args.out, options, seg_path=args.seg, echo2_path=args.echo2,
-        qdess_params_path=args.qdess_params, progress=progress,
+        qdess_params_path=args.qdess_params, progress=progress, t2_series_path=args.t2_series,
     )
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("--seg")
     p.add_argument("--max-mb", type=float, default=600.0, help="upload size limit (MB)")
+    p.add_argument("--echo-times", help="echo times (ms) of a 4-D MESE image, e.g. 10,20,30")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("analyze", help="run the pipeline and write the results zip")
@@ -109,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg", help="segmentation to use instead of a model")
     p.add_argument("--echo2", help="qDESS echo 2 volume when INPUT is echo 1 (split echoes)")
     p.add_argument("--qdess-params", help="JSON of tr_ms, te_ms, flip_angle_deg, gl_area, tg_us")
+    p.add_argument("--t2-series", help="MESE series (zip/folder, or 4-D image with "
+                   "--echo-times) whose T2 takes INPUT's labels (resampled, not registered)")
     from .run import Options
 
     Options.add_cli_arguments(p)

@@ -60,11 +60,15 @@ class Outputs:
         p.write_text(json.dumps(jsonable(data), indent=2, allow_nan=True))
         return self.add(p)
 
-    def write_metrics(self, metrics: dict[str, float]) -> tuple[Path, Path]:
+    def write_metrics(self, metrics: dict[str, float],
+                      text: dict[str, str] | None = None) -> tuple[Path, Path]:
+        """``{stem}_results.csv`` / ``.json``: the metrics, then the ``text`` columns (e.g.
+        ``t2_method``) that tables and cohorts read but numeric code must not."""
+        row = {**metrics, **(text or {})}
         csv = self.path(f"{self.stem}_results.csv")
-        pd.DataFrame([metrics]).to_csv(csv, index=False)
+        pd.DataFrame([row]).to_csv(csv, index=False)
         self.add(csv)
-        return csv, self.write_json(metrics, f"{self.stem}_results.json")
+        return csv, self.write_json(row, f"{self.stem}_results.json")
 
     def zip(self) -> Path:
         """``{stem}_results.zip`` holding exactly the files written (flat)."""

@@ -46,8 +46,15 @@ class Options:
     max_mb: float = 600.0
     device: str = "auto"
     tta: bool = False  # test-time mirroring (off, as the published model is used)
+    echo_times_ms: tuple[float, ...] | None = None  # of a 4-D MESE image (NIfTI/NRRD)
+    mese_echoes: str = "2-N"  # MESE echoes fitted: "2-N" drops echo 1, "all" keeps it
 
     def __post_init__(self) -> None:
+        from .mese_input import parse_echo_times
+        from .t2.mese import FitSettings
+
+        self.echo_times_ms = parse_echo_times(self.echo_times_ms)
+        FitSettings(echoes=self.mese_echoes)  # refuses an unknown choice
         if self.nsm not in NSM_CHOICES:
             raise PipelineError(
                 ErrorCode.INVALID_PARAMETERS, f"nsm must be one of {', '.join(NSM_CHOICES)}"
@@ -71,6 +78,10 @@ class Options:
         parser.add_argument("--max-mb", type=float, default=600.0, help="upload size limit (MB)")
         parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         parser.add_argument("--tta", action="store_true", help="test-time mirroring (slower)")
+        parser.add_argument("--echo-times", help="echo times in ms of a 4-D MESE image "
+                            "(NIfTI/NRRD), e.g. 10,20,30,40,50,60,70")
+        parser.add_argument("--mese-echoes", default="2-N", choices=("2-N", "all"),
+                            help="MESE echoes fitted: 2-N (default, drops echo 1) or all")
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> Options:
@@ -78,6 +89,7 @@ class Options:
             model=args.model, cart_smooth_var=args.cart_smooth, compute_t2=not args.no_t2,
             nsm=args.nsm, nsm_dir=args.nsm_dir, nsm_bscore_dir=args.nsm_bscore_dir,
             max_mb=args.max_mb, device=args.device, tta=args.tta,
+            echo_times_ms=args.echo_times, mese_echoes=args.mese_echoes,
         )
 
 
@@ -179,6 +191,7 @@ def run(
     presegmented: Presegmented | None = None,
     segmenter=None,
     tmp_dir: str | Path | None = None,
+    t2_series_path: str | Path | None = None,
 ) -> Result:
     """Run the whole pipeline on one input; write the results folder and zip into ``out_dir``.
 
@@ -191,6 +204,8 @@ def run(
     loads the model and frees it at the end. Temporary files (extracted uploads, pymskt's) go
     to a folder of this job made under ``tmp_dir`` (default: the temp root), removed at the end
     however it ends.
+    ``t2_series_path`` is a MESE series whose T2 takes this input's labels (resampled by
+    physical coordinates); a MESE input with no segmentation and no model gives its T2 maps only.
     Several jobs may run at once in one process (threads); each stage's result is its own.
     """
     options = options or Options()
@@ -203,9 +218,13 @@ def run(
     with scratch.folder(tmp_dir) as job_tmp:
         with track.stage("Loading input"):
             done.append(load_input(input_path, options, echo2_path, qdess_params_path,
-                                   tmp_dir=job_tmp))
+                                   tmp_dir=job_tmp, t2_series_path=t2_series_path))
         loaded = done[-1].data["loaded"]
+        t2_series = done[-1].data.get("t2_series")
         outputs = Outputs(out, loaded.stem)
+        if (loaded.mese is not None and seg_path is None and presegmented is None
+                and options.model is None):
+            return _t2_maps_only(loaded, options, outputs, track, done, started)
 
         with track.stage("Segmentation"):
             segmentation = _segmentation(loaded, options, track, seg_path=seg_path,
@@ -247,7 +266,8 @@ def run(
             from .t2.stage import stage as t2_stage
 
             t2 = t2_stage(loaded, seg_c, sub_c, bones, enabled=options.compute_t2,
-                          outputs=outputs)
+                          outputs=outputs, t2_series=t2_series,
+                          mese_settings=_mese_settings(options))
             done.append(t2)
 
         with track.stage("Shape model"):
@@ -272,7 +292,7 @@ def run(
             done.append(visuals)
             metrics = _merged_metrics(done)
             warnings = [note for result in done for note in result.notes]
-            outputs.write_metrics(metrics)
+            outputs.write_metrics(metrics, text=_t2_text(t2))
             qc = quality.info["qc"]
             provenance = package.provenance(
                 loaded, options, model_info=segmentation.info.get("model"),
@@ -284,6 +304,7 @@ def run(
                     # in workers).
                     "surface_seconds": morphometry.info["surface_seconds"],
                     **menisci.info,
+                    **t2.info,
                 },
             )
             outputs.write_json(provenance, f"{loaded.stem}_provenance.json")
@@ -295,6 +316,46 @@ def run(
     return Result(zip_path, out, pd.DataFrame([metrics]), warnings, provenance, outputs.files,
                   artifacts, {role: images[role] for role in RESULT_IMAGES if role in images},
                   quality.info["qc"], visuals.info.get("frame"))
+
+
+def _mese_settings(options: Options):
+    from .t2.mese import FitSettings
+
+    return FitSettings(echoes=options.mese_echoes)
+
+
+def _t2_text(t2: StageResult) -> dict[str, str]:
+    """The results' non-numeric columns: ``t2_method`` (mese | qdess) when T2 was computed.
+    Kept out of the metrics table, which stays numeric (tables, snapshot, changes)."""
+    method = t2.info.get("t2", {}).get("t2_method")
+    return {"t2_method": method} if method else {}
+
+
+def _t2_maps_only(loaded, options: Options, outputs: Outputs, track: _Tracker,
+                  done: list[StageResult], started: datetime) -> Result:
+    """A MESE with no segmentation and no model: its T2, R² and S0 maps, a note why there
+    are no regional values, the provenance and the zip."""
+    from .t2.stage import stage as t2_stage
+
+    with track.stage("T2 mapping"):
+        t2 = t2_stage(loaded, None, None, [], enabled=options.compute_t2, outputs=outputs,
+                      mese_settings=_mese_settings(options))
+        done.append(t2)
+    with track.stage("Writing results"):
+        warnings = [note for result in done for note in result.notes]
+        outputs.write_metrics({}, text=_t2_text(t2))
+        provenance = package.provenance(
+            loaded, options, model_info=None, seg_source="none", stage_seconds=track.seconds,
+            started=started, warnings=warnings, mesh_index={}, extra=dict(t2.info))
+        outputs.write_json(provenance, f"{loaded.stem}_provenance.json")
+        zip_path = outputs.zip()
+    provenance["stage_seconds"] = track.seconds
+    artifacts = {role: path for result in done for role, path in result.files.items()}
+    artifacts["zip"] = zip_path
+    images = {"image": loaded.image, **t2.images}
+    return Result(zip_path, outputs.folder, pd.DataFrame([{}]), warnings, provenance,
+                  outputs.files, artifacts,
+                  {role: images[role] for role in RESULT_IMAGES if role in images})
 
 
 def _merged_metrics(done: list[StageResult]) -> dict[str, float]:
@@ -309,12 +370,13 @@ def _merged_metrics(done: list[StageResult]) -> dict[str, float]:
 
 
 def load_input(input_path, options: Options, echo2_path=None, qdess_params_path=None, *,
-               tmp_dir: Path | None = None) -> StageResult:
-    """The "Loading input" stage: load and validate the MRI (and split qDESS echo 2);
-    ``data["loaded"]`` is the ``inputs.LoadedImage``, its warnings the notes. Archives are
-    extracted under ``tmp_dir``."""
+               tmp_dir: Path | None = None, t2_series_path=None) -> StageResult:
+    """The "Loading input" stage: load and validate the MRI (and split qDESS echo 2, and the
+    MESE T2 series); ``data["loaded"]`` is the ``inputs.LoadedImage`` (``data["t2_series"]``
+    the MESE's), its warnings the notes. Archives are extracted under ``tmp_dir``."""
     max_bytes = int(options.max_mb * 1024**2)
-    loaded = inputs.load_image(input_path, max_bytes=max_bytes, tmp_dir=tmp_dir)
+    loaded = inputs.load_image(input_path, max_bytes=max_bytes, tmp_dir=tmp_dir,
+                               echo_times_ms=options.echo_times_ms)
     if (echo2_path is None) != (qdess_params_path is None):
         raise PipelineError(
             ErrorCode.INVALID_PARAMETERS,
@@ -323,7 +385,33 @@ def load_input(input_path, options: Options, echo2_path=None, qdess_params_path=
     if echo2_path is not None:
         loaded = inputs.attach_echoes(loaded, echo2_path, qdess_params_path, max_bytes=max_bytes,
                                       tmp_dir=tmp_dir)
-    return StageResult(notes=list(loaded.warnings), data={"loaded": loaded})
+    data = {"loaded": loaded}
+    if t2_series_path is not None:
+        data["t2_series"] = _load_t2_series(loaded, t2_series_path, options, max_bytes, tmp_dir)
+    used = [x for x in data.values() if x.mese is not None and x.mese.layout == "4-D image"]
+    if options.echo_times_ms is not None and not used:
+        raise PipelineError(ErrorCode.INVALID_PARAMETERS,
+                            "--echo-times is for a 4-D MESE image (NIfTI/NRRD); no input is "
+                            "one (a DICOM series carries its own echo times)")
+    return StageResult(notes=list(loaded.warnings), data=data)
+
+
+def _load_t2_series(loaded, path, options: Options, max_bytes: int, tmp_dir):
+    """The extra MESE series (``--t2-series``): a MESE that overlaps the main image."""
+    from .t2.stage import check_overlap
+
+    name = Path(path).name
+    if loaded.mese is not None:
+        raise PipelineError(ErrorCode.INVALID_PARAMETERS,
+                            "the input is a MESE already; --t2-series is for a DESS/qDESS input")
+    series = inputs.load_image(path, max_bytes=max_bytes, tmp_dir=tmp_dir,
+                               echo_times_ms=options.echo_times_ms)
+    if series.mese is None:
+        raise PipelineError(ErrorCode.INVALID_ECHOES,
+                            f"{name}: the T2 series is not a multi-echo spin-echo series "
+                            f"(found a {series.kind} image); T2 needs at least 3 echoes")
+    check_overlap(loaded.image, series.image, name)
+    return series
 
 
 def _segmentation(loaded, options: Options, track: _Tracker, *, seg_path, presegmented,

@@ -151,16 +151,20 @@ def nlls_fit(signal: np.ndarray, te_ms: np.ndarray, s0: np.ndarray, rate: np.nda
         new_r = np.clip(ra + np.where(ok, step1, 0.0), *_RATE_LIMITS)
         new_decay = np.exp(-np.outer(new_r, te))
         new_cost = ((ya - new_s[:, None] * new_decay) ** 2).sum(1)
-        better = ok & (new_cost <= cost[active])
+        cost_before = cost[active]
+        better = ok & (new_cost <= cost_before)
         s0[active] = np.where(better, new_s, sa)
         rate[active] = np.where(better, new_r, ra)
         decay[active] = np.where(better[:, None], new_decay, da)
         cost[active] = np.where(better, new_cost, cost[active])
         lam[active] = np.where(better, la * 0.1, la * 10.0)
-        small = (np.abs(step0) <= tol * np.abs(sa) + 1e-300) & (
-            np.abs(step1) <= tol * np.abs(ra) + 1e-300)
-        # Done: an accepted step too small to matter, or no step helps even when tiny.
-        done = (better & small) | (lam[active] > 1e12) | ~ok
+        # The step taken (a rate at its limit moves no further): done when it is too small to
+        # matter or the cost no longer falls, or when no step helps even when tiny.
+        small = (np.abs(new_s - sa) <= tol * np.abs(sa)) & (np.abs(new_r - ra) <= tol * ra)
+        stalled = better & (cost_before - new_cost <= tol * cost_before)
+        # A rate pushed to its limit is out of any T2 range: no point refining it further.
+        at_limit = (new_r <= _RATE_LIMITS[0]) | (new_r >= _RATE_LIMITS[1])
+        done = (better & (small | stalled | at_limit)) | (lam[active] > 1e12) | ~ok
         converged[active[done & ok]] = True
         active = active[~done]
     return s0, rate, converged
@@ -187,7 +191,8 @@ def _fit_chunk(y: np.ndarray, te: np.ndarray, settings: FitSettings
                        [NO_SIGNAL, FIT_FAILED, OUT_OF_RANGE, LOW_R2], VALID).astype(np.uint8)
     t2 = np.where(status == VALID, t2, np.nan)
     r2 = np.where(failed | no_signal, np.nan, r2)
-    s0 = np.where(failed | no_signal, np.nan, s0)
+    # S0 of a rate at its limit is no estimate (and may overflow float32 when written).
+    s0 = np.where(failed | no_signal | out_of_range, np.nan, s0)
     return t2, r2, s0, status
 
 
