@@ -155,7 +155,8 @@ def check_overlap(image: sitk.Image, t2_ref: sitk.Image, name: str) -> None:
     """Refuse (SEG_MISMATCH) a T2 series that shares no voxel with the main image."""
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
-    if not np.any(sitk.GetArrayViewFromImage(labels_on_grid(ones, t2_ref))):
+    if not np.any(sitk.GetArrayFromImage(labels_on_grid(ones, t2_ref))):  # a copy: no view
+        # of a temporary image
         raise PipelineError(
             ErrorCode.SEG_MISMATCH,
             f"{name} does not overlap the main image in scanner coordinates (different "
