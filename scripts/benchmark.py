@@ -6,6 +6,7 @@
     python scripts/benchmark.py --cases real --cli --reference  # pymskt's real knee, both ways
     python scripts/benchmark.py --cases dess --dess SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd
     python scripts/benchmark.py --t2            # T2 stage alone on a 512×512×160 pair
+    python scripts/benchmark.py --cases --mese  # MESE T2 fit alone: 256×256×24 × 8 echoes
 
 Each case runs in its own process so its peak resident memory is its own.
 
@@ -213,12 +214,34 @@ def run_t2() -> dict:
             "peak_rss_mb": round(_peak_mb())}
 
 
+def run_mese() -> dict:
+    """The MESE fit of a GE knee series' size (256×256×24, 8 echoes 6.3–50.4 ms): tissue with
+    T2 10–90 ms at SNR 50 in two thirds of the voxels, Rician noise only in the rest."""
+    import numpy as np
+
+    from pipeline.synthetic.mese import GE_TE_MS, mese_echoes
+    from pipeline.t2.mese import fit_mese
+
+    rng = np.random.default_rng(0)
+    shape = (24, 256, 256)
+    t2 = rng.uniform(10.0, 90.0, shape)
+    t2[:, :, :86] = 0.0  # background: noise only
+    echoes = mese_echoes(np.full(shape, 1000.0), t2, GE_TE_MS, noise_sigma=1000 * np.exp(
+        -GE_TE_MS[0] / 40) / 50).astype(np.float32)
+    t = time.perf_counter()
+    fit = fit_mese(echoes, GE_TE_MS)
+    return {"case": "mese_256x256x24x8", "seconds": round(time.perf_counter() - t, 2),
+            "voxels": fit.counts(), "peak_rss_mb": round(_peak_mb())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cases", nargs="+", default=["example", "oai"])
+    parser.add_argument("--cases", nargs="*", default=["example", "oai"],
+                        help="pipeline cases (none: only --t2 / --mese)")
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--cli", action="store_true", help="also time the analyze command")
     parser.add_argument("--t2", action="store_true")
+    parser.add_argument("--mese", action="store_true", help="MESE T2 fit alone")
     parser.add_argument("--dess", help="path of SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,7 +249,8 @@ def main() -> None:
         os.environ["KNEE_DESS_SEG"] = str(Path(args.dess).resolve())  # read by the children
     if args.child:
         kind, _, case = args.child.partition(":")
-        kinds = {"case": run_case, "reference": run_reference, "cli": run_cli}
+        kinds = {"case": run_case, "reference": run_reference, "cli": run_cli,
+                 "mese": lambda _: run_mese()}
         out = kinds.get(kind, lambda _: run_t2())(case)
         print(json.dumps(out))
         return
@@ -234,6 +258,7 @@ def main() -> None:
     jobs += [f"cli:{c}" for c in args.cases] if args.cli else []
     jobs += [f"reference:{c}" for c in args.cases] if args.reference else []
     jobs += ["t2:"] if args.t2 else []
+    jobs += ["mese:"] if args.mese else []
     rows = []
     for job in jobs:
         proc = subprocess.run([sys.executable, __file__, "--child", job], capture_output=True,
