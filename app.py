@@ -69,6 +69,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         cartilage_smoothing: float = defaults.cart_smooth_var,
         email: str | None = "",
         research_consent: bool = False,
+        t2_series: str | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's injection idiom
         request: gr.Request = None,
     ):
@@ -86,6 +87,9 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
             email: optional; stored only as a salted hash to count users.
             research_consent: keep anonymised derived results (never images) for research;
                 off unless set.
+            t2_series: optional multi-echo spin-echo (MESE) series (.zip of its DICOM files):
+                its T2 map takes this image's labels, resampled by scanner coordinates (no
+                registration); the T2 table then comes from it (t2_method mese).
 
         Returns:
             Status (with the job id), the results zip, thickness, T2 and shape tables,
@@ -93,15 +97,16 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         """
         yield from service.analyze(image, segmentation, segmentation_model, shape_model,
                                    cartilage_smoothing, email, research_consent, progress,
-                                   request)
+                                   request, t2_series=t2_series)
 
     def analyze_page(image: str | None, segmentation: str | None, segmentation_model: str | None,
                      shape_model: str, cartilage_smoothing: float, email: str | None,
-                     research_consent: bool, request: gr.Request = None) -> Iterator[tuple]:
+                     research_consent: bool, t2_series: str | None = None,
+                     request: gr.Request = None) -> Iterator[tuple]:
         # The page's button: /analyze's outputs plus the 3-D, slice and QC viewers.
         yield from service.analyze_page(image, segmentation, segmentation_model, shape_model,
                                         cartilage_smoothing, email, research_consent,
-                                        request=request)
+                                        request=request, t2_series=t2_series)
 
     def analyze_example(image: str, segmentation: str,
                         request: gr.Request = None) -> Iterator[tuple]:
@@ -160,6 +165,10 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                                 "one DICOM series)", type="filepath", elem_id="knee-image")
                 seg = gr.File(label="Segmentation (optional; label map 0–9 on the image grid)",
                               type="filepath", elem_id="knee-seg")
+                t2_file = gr.File(label="T2 series (optional; .zip of a multi-echo spin-echo "
+                                  "series of the same session: its T2 takes this image's "
+                                  "labels, not registered)", type="filepath",
+                                  elem_id="knee-t2-series")
                 model = gr.Dropdown(
                     choices=choices, value=default_model, label="Segmentation model",
                     info="Models usable on this server; an uploaded segmentation is always used.",
@@ -238,7 +247,8 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                 viewers.reveal_after(view, event, viewers_box, results_zip)
             event.then(service.footer, None, footer, **quiet)
 
-        inputs = [image, seg, model, shape, smooth, email, consent]
+        # The T2 series is last: clients calling /analyze with the earlier parameters still do.
+        inputs = [image, seg, model, shape, smooth, email, consent, t2_file]
         jobs_group = {"concurrency_limit": followers, "concurrency_id": JOBS_GROUP,
                       "show_progress": "hidden"}
         api_job = api_btn.click(analyze, inputs, outputs, api_name="analyze", **jobs_group)
@@ -259,7 +269,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         linked = demo.load(from_link, None, [job_box, *outputs], **quiet)
         after(linked, with_viewers=False)
 
-        for upload in (image, seg):
+        for upload in (image, seg, t2_file):
             upload.upload(service.upload_seen, [upload], None, **quiet)
         demo.unload(service.session_closed)
         demo.load(service.footer, None, footer, **quiet)

@@ -45,6 +45,7 @@ class AnalysisRequest:
     user_hash: str | None = None  # salted hash of the e-mail, for the stats
     seg_source: str = "model"  # "upload" | "model"
     uploads: list[str] = field(default_factory=list)  # where they came from (Gradio's cache)
+    t2_series: str | None = None  # optional MESE series (relative, like ``image``)
 
     def options(self) -> Options:
         """The pipeline's options for this request."""

@@ -118,23 +118,27 @@ class AnalysisService:
 
     def submit(self, image: str | None, segmentation: str | None, model: str | None,
                shape_model: str, cart_smooth: float, email: str | None, consent: bool,
-               session: str | None = None, *, page: bool = False) -> Job:
+               session: str | None = None, *, page: bool = False,
+               t2_series: str | None = None) -> Job:
         """Check the request (image format first, then options) and queue it with the job's
         own copies of the uploads. A refusal is counted in the stats; the page's uploads stay
         for a retry without re-upload, an API call's are deleted (a client uploads its files
-        again with every call)."""
-        self.uploads.register([image, segmentation], session)
+        again with every call). ``t2_series``: an optional MESE series whose T2 takes the
+        image's labels."""
+        uploads = [image, segmentation, t2_series]
+        self.uploads.register(uploads, session)
         seg_source = "upload" if segmentation else "model"
         user_hash = self.user_hash(email)
         job_id = new_job_id()
         try:
-            request = self._checked(image, segmentation, model, shape_model, cart_smooth)
+            request = self._checked(image, segmentation, model, shape_model, cart_smooth,
+                                    t2_series)
             request.consent, request.page = bool(consent), page
             request.user_hash, request.seg_source = user_hash, seg_source
             files = JobFiles(self.settings.results_dir, job_id)
-            request.image, request.segmentation = files.take_inputs([image, segmentation])
-            request.uploads = [p for p in (image, segmentation) if p]
-            lease = self.uploads.acquire([image, segmentation])
+            request.image, request.segmentation, request.t2_series = files.take_inputs(uploads)
+            request.uploads = [p for p in uploads if p]
+            lease = self.uploads.acquire(uploads)
             try:
                 job = self.jobs.submit(job_id, request)
             except PipelineError:
@@ -144,19 +148,19 @@ class AnalysisService:
         except PipelineError as exc:
             self._record_refusal(exc, user_hash, seg_source, shape_model)
             if not page:
-                self.uploads.release(self.uploads.acquire([image, segmentation]))
+                self.uploads.release(self.uploads.acquire(uploads))
             raise
         # Held until the job ends (identical uploads of other events share the file), then
         # deleted; a failed page job keeps them for a retry.
         self._leases[job.id] = lease
         return job
 
-    def _checked(self, image, segmentation, model, shape_model, cart_smooth
-                 ) -> AnalysisRequest:
+    def _checked(self, image, segmentation, model, shape_model, cart_smooth,
+                 t2_series=None) -> AnalysisRequest:
         if not image:
             raise PipelineError(ErrorCode.INVALID_PARAMETERS, "upload an MRI image first.")
         max_bytes = int(self.settings.max_upload_mb * 1024**2)
-        for path in (image, segmentation):
+        for path in (image, segmentation, t2_series):
             if path and not Path(path).exists():
                 raise PipelineError(
                     ErrorCode.INVALID_FORMAT,
@@ -208,7 +212,8 @@ class AnalysisService:
             tmp_dir.mkdir()
             spec = JobSpec(str(files.path(req.image)),
                            str(files.path(req.segmentation)) if req.segmentation else None,
-                           str(out_dir), str(tmp_dir), req.options(), keep_images=req.page)
+                           str(out_dir), str(tmp_dir), req.options(), keep_images=req.page,
+                           t2_series=str(files.path(req.t2_series)) if req.t2_series else None)
 
             def step(event: Step) -> None:
                 on_step(f"[{event.index}/{event.total}] {event.name}", event.fraction)
@@ -334,12 +339,14 @@ class AnalysisService:
 
     def analyze(self, image, segmentation, segmentation_model, shape_model,
                 cartilage_smoothing, email, research_consent, progress: gr.Progress | None,
-                request: gr.Request | None = None) -> Iterator[tuple]:
+                request: gr.Request | None = None, t2_series: str | None = None
+                ) -> Iterator[tuple]:
         """Generator behind ``/analyze``: the job's status, then its 8 outputs; a failure is a
         ``gr.Error`` whose message starts with ``[CODE]``."""
         try:
             job = self.submit(image, segmentation, segmentation_model, shape_model,
-                              cartilage_smoothing, email, research_consent, _session(request))
+                              cartilage_smoothing, email, research_consent, _session(request),
+                              t2_series=t2_series)
         except PipelineError as exc:
             raise _error(exc.code.value, exc.message) from None
         yield (self.status_text(job), *empty_outputs()[1:])
@@ -349,14 +356,15 @@ class AnalysisService:
     def analyze_page(self, image, segmentation, segmentation_model, shape_model,
                      cartilage_smoothing, email, research_consent,
                      progress: gr.Progress | None = None,
-                     request: gr.Request | None = None) -> Iterator[tuple]:
+                     request: gr.Request | None = None,
+                     t2_series: str | None = None) -> Iterator[tuple]:
         """The page's button: like ``analyze`` plus the viewers, and a failure is shown in the
         Status box (no error popup per output)."""
         n_view = len(result_viewers.cleared_values())
         try:
             job = self.submit(image, segmentation, segmentation_model, shape_model,
                               cartilage_smoothing, email, research_consent, _session(request),
-                              page=True)
+                              page=True, t2_series=t2_series)
         except PipelineError as exc:  # no stale results of an earlier job stay shown
             yield (f"Failed: [{exc.code.value}] {exc.message}", *empty_outputs()[1:],
                    *(gr.skip(),) * n_view)

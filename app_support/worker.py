@@ -54,6 +54,7 @@ class JobSpec:
     tmp_dir: str
     options: Any  # pipeline.run.Options
     keep_images: bool = True  # the result's images come back (the page's slice viewer)
+    t2_series: str | None = None  # a MESE series whose T2 takes the image's labels
 
 
 def failure_of(exc: BaseException) -> Failure:
@@ -79,7 +80,7 @@ def run_spec(spec: JobSpec, on_step: Callable, accelerate: Callable | None = Non
     try:
         result = run(spec.image, Path(spec.out_dir), spec.options, seg_path=spec.segmentation,
                      progress=on_step, accelerate=accelerate, tmp_dir=spec.tmp_dir,
-                     segmenter=segmenter)
+                     segmenter=segmenter, t2_series_path=spec.t2_series)
     except BaseException as exc:  # everything must reach the caller, or it waits forever
         return failure_of(exc)
     # Without a page to show them, the volumes stay out of the pipe.

@@ -147,10 +147,12 @@ def test_api_lists_endpoints_with_labels(app: App) -> None:
     api = app.client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/analyze", "/result", "/stats", "/health"} <= set(api)
     params = [p["parameter_name"] for p in api["/analyze"]["parameters"]]
+    # The MESE T2 series came last (issue 26), optional: calls with the first seven still work.
     assert params == ["image", "segmentation", "segmentation_model", "shape_model",
-                      "cartilage_smoothing", "email", "research_consent"]
-    consent = api["/analyze"]["parameters"][-1]
+                      "cartilage_smoothing", "email", "research_consent", "t2_series"]
+    consent, t2_series = api["/analyze"]["parameters"][-2:]
     assert consent["parameter_has_default"] and consent["parameter_default"] is False
+    assert t2_series["parameter_has_default"] and t2_series["parameter_default"] is None
     assert [p["parameter_name"] for p in api["/result"]["parameters"]] == ["job_id"]
     assert [r["label"] for r in api["/result"]["returns"]] == [
         r["label"] for r in api["/analyze"]["returns"]]
@@ -259,7 +261,7 @@ def test_page_job_adds_viewers_without_keeping_pixels(app: App) -> None:
     t0 = time.monotonic()
     out = app.client.submit(
         handle_file(str(app.image)), handle_file(str(app.seg)), OWN_SEG, "none", 0.3125, "",
-        False, api_name="/analyze_page").result(timeout=240)
+        False, None, api_name="/analyze_page").result(timeout=240)  # None: no T2 series
     wall = time.monotonic() - t0
     assert out[0].startswith("Done") and len(out) == 8 + 5 + 1 + 4  # the State is not sent
     files, legend, tmap, qc_md, qc_df, choice, html, axis, slider, overlay = out[8:]
@@ -292,6 +294,36 @@ def test_examples_are_protected_and_unknown_jobs_refused(app: App) -> None:
                              OWN_SEG, "none", 0.3125, "", False, api_name="/analyze")
     assert out[0].startswith("Done") and Path(out[1]).name == "knee_phantom_results.zip"
     assert EXAMPLE_IMAGE.exists() and app.files_with({sha256_of(EXAMPLE_IMAGE)})  # protected copy
+
+
+def test_analyze_takes_an_optional_t2_series(app: App, tmp_path) -> None:
+    """/analyze's trailing t2_series (issue 26): a MESE zip on a coarser grid than the image;
+    its T2 fills the T2 table with the image's labels, resampled and said to be so."""
+    import SimpleITK as sitk
+
+    from pipeline.synthetic.dicom_writer import zip_series
+    from pipeline.synthetic.mese import GE_TE_MS, labels_to_mese, write_mese_dicom
+
+    seg = sitk.ReadImage(str(EXAMPLE_SEG))
+    spacing = (1.2, 1.2, 3.0)  # the MESE: coarser, thick slices; same origin and axes
+    ref = sitk.Image([int(n * s / t) for n, s, t in zip(seg.GetSize(), seg.GetSpacing(), spacing,
+                                                         strict=True)], sitk.sitkUInt8)
+    ref.SetSpacing(spacing)
+    ref.SetOrigin(seg.GetOrigin())
+    ref.SetDirection(seg.GetDirection())
+    labels = sitk.Resample(seg, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    write_mese_dicom(labels_to_mese(labels), labels, GE_TE_MS, tmp_path / "T2MAP")
+    mese = zip_series(tmp_path / "T2MAP", tmp_path / "t2map.zip")
+    out = app.client.predict(handle_file(str(app.image)), handle_file(str(app.seg)), OWN_SEG,
+                             "none", 0.3125, "", False, handle_file(str(mese)),
+                             api_name="/analyze")
+    assert out[0].startswith("Done"), out[0]
+    t2_rows = {row[0]: row for row in out[3]["data"]}
+    assert abs(t2_rows["fem_cart"][1] - 38.0) < 1.5, t2_rows
+    assert "no registration was done" in out[5]
+    provenance = _provenance_from_zip(out[1])
+    assert provenance["t2"]["t2_method"] == "mese"
+    app.assert_clean([app.image, app.seg, mese])
 
 
 # ---------------------------------------------------------------- real use: clients that go
