@@ -77,10 +77,12 @@ def run_spec(spec: JobSpec, on_step: Callable, accelerate: Callable | None = Non
     ``segmenter`` (a ``pipeline.segment.Segmenter``) keeps the model for the next job."""
     from pipeline.run import run
 
+    # Only a job with a T2 series names it: run() stand-ins of older callers keep working.
+    extra = {"t2_series_path": spec.t2_series} if spec.t2_series else {}
     try:
         result = run(spec.image, Path(spec.out_dir), spec.options, seg_path=spec.segmentation,
                      progress=on_step, accelerate=accelerate, tmp_dir=spec.tmp_dir,
-                     segmenter=segmenter, t2_series_path=spec.t2_series)
+                     segmenter=segmenter, **extra)
     except BaseException as exc:  # everything must reach the caller, or it waits forever
         return failure_of(exc)
     # Without a page to show them, the volumes stay out of the pipe.

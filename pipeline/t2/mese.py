@@ -200,7 +200,7 @@ def fit_mese(echoes: np.ndarray, echo_times_ms, settings: FitSettings | None = N
              threads: int | None = None) -> MeseFit:
     """Fit every voxel of ``echoes`` ((echoes, *spatial) array, one volume per TE in
     ``echo_times_ms`` order) with ``settings``; batches run on ``threads`` threads (default:
-    up to 2 per core available; numpy releases the GIL in the array operations)."""
+    one per available core, at most 4; numpy releases the GIL in the array operations)."""
     settings = settings or FitSettings()
     te_all = np.asarray(echo_times_ms, dtype=np.float64)
     data = np.asarray(echoes)
@@ -224,7 +224,8 @@ def fit_mese(echoes: np.ndarray, echo_times_ms, settings: FitSettings | None = N
         y = np.ascontiguousarray(flat[:, part].T, dtype=np.float64)
         t2[part], r2[part], s0[part], status[part] = _fit_chunk(y, te, settings)
 
-    workers = threads or max(1, min(4, len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = threads or max(1, min(4, cores or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(run, range(0, n, _CHUNK)))
     return MeseFit(t2.reshape(shape), r2.reshape(shape), s0.reshape(shape),
