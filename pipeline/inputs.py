@@ -597,7 +597,9 @@ def _validated(img: sitk.Image, name: str) -> sitk.Image:
     if dim != 3:
         raise PipelineError(
             ErrorCode.INVALID_DIMENSIONS,
-            f"{name}: image is {dim}-D with size {list(img.GetSize())}; expected one 3-D volume.",
+            f"{name}: image is {dim}-D with size {list(img.GetSize())}; expected one 3-D volume"
+            + (" (a multi-echo T2 volume: give its echo times with --echo-times)."
+               if dim == 4 else "."),
         )
     size = img.GetSize()
     if min(size) < MIN_AXIS_VOXELS:

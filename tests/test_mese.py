@@ -215,7 +215,8 @@ def test_4d_image_with_echo_times(small, tmp_path):
     assert loaded.kind == "mese" and loaded.mese.layout == "4-D image"
     assert np.allclose(loaded.mese.array(), small["echoes"], rtol=1e-6)
     _expect(ErrorCode.INVALID_ECHOES, inputs.load_image, path, echo_times_ms=GE_TE_MS[:7])
-    _expect(ErrorCode.INVALID_DIMENSIONS, inputs.load_image, path)  # 4-D without echo times
+    err = _expect(ErrorCode.INVALID_DIMENSIONS, inputs.load_image, path)  # no echo times
+    assert "--echo-times" in err.message
     _expect(ErrorCode.INVALID_PARAMETERS, Options, echo_times_ms="10,5,20")
     # --echo-times given for inputs that carry their own (DICOM) or none: refused.
     _expect(ErrorCode.INVALID_PARAMETERS, load_input, small["root"] / "ge",
