@@ -17,7 +17,7 @@ except ImportError:
 
 import gradio as gr
 
-from app_support import system, viewers
+from app_support import system, tables, viewers
 from app_support.config import Settings
 from app_support.service import (
     N_BASE_OUTPUTS,
@@ -215,6 +215,11 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                     with gr.Group(visible=False) as t2_box:
                         t2 = gr.Dataframe(label="T2 relaxation (ms)",
                                           interactive=False, buttons=["copy", "fullscreen"])
+                    with gr.Group(visible=False) as menisci_box:
+                        menisci = gr.Dataframe(label="Menisci (extrusion > 0: past the tibial "
+                                               "cartilage rim)", interactive=False,
+                                               buttons=["copy", "fullscreen"],
+                                               elem_id="knee-menisci")
                     with gr.Group(visible=False) as shape_box:
                         shape_table = gr.Dataframe(label="Shape model results",
                                                    interactive=False)
@@ -237,12 +242,16 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
 
         def reveal(zip_file: str | None, t2_df, shape_df) -> tuple:
             ok = bool(zip_file)  # a job's results are shown when it has a results zip
+            # The menisci are read from the zip's results JSON: a page-only table, so the
+            # /analyze outputs (what API clients unpack) stay as they are.
+            men = tables.meniscus_table_of_zip(zip_file if ok else None)
             return (gr.update(visible=ok), gr.update(visible=ok and has_rows(t2_df)),
-                    gr.update(visible=ok and has_rows(shape_df)))
+                    gr.update(visible=ok and has_rows(shape_df)),
+                    gr.update(visible=ok and has_rows(men)), men)
 
         def after(event, with_viewers: bool) -> None:
-            event.then(reveal, [results_zip, t2, shape_table], [results_box, t2_box, shape_box],
-                       **quiet)
+            event.then(reveal, [results_zip, t2, shape_table],
+                       [results_box, t2_box, shape_box, menisci_box, menisci], **quiet)
             if with_viewers:
                 viewers.reveal_after(view, event, viewers_box, results_zip)
             event.then(service.footer, None, footer, **quiet)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import zipfile
 from collections.abc import Mapping
+from pathlib import Path
 
 import pandas as pd
 
@@ -60,6 +64,27 @@ def t2_table(metrics: pd.DataFrame | Mapping) -> pd.DataFrame:
     rows = [[r] + [_num(m.get(L.t2_key(r, stat, layer))) for layer in layers for stat in L.STATS]
             for r in regions]
     return pd.DataFrame(rows, columns=columns)
+
+
+def meniscus_table(metrics: pd.DataFrame | Mapping) -> pd.DataFrame:
+    """Side (medial/lateral) × the meniscus measures (``labels.MENISCUS_MEASURES``); only the
+    sides with a value, empty when no meniscus was measured."""
+    m = metrics_dict(metrics)
+    columns = ["side", *L.MENISCUS_MEASURES]
+    rows = [[name, *(_num(m.get(L.meniscus_key(side, key))) for key in L.MENISCUS_MEASURES)]
+            for side, (_, _, name) in L.MENISCUS_SIDES.items()
+            if any(L.meniscus_key(side, key) in m for key in L.MENISCUS_MEASURES)]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def meniscus_table_of_zip(zip_path: str | os.PathLike | None) -> pd.DataFrame:
+    """``meniscus_table`` of the ``{stem}_results.json`` inside a results zip (empty without)."""
+    if not zip_path or not Path(zip_path).is_file():
+        return meniscus_table({})
+    with zipfile.ZipFile(zip_path) as zf:
+        names = [n for n in zf.namelist() if n.endswith("_results.json")]
+        metrics = json.loads(zf.read(names[0])) if names else {}
+    return meniscus_table(metrics)
 
 
 def shape_table(metrics: pd.DataFrame | Mapping) -> pd.DataFrame:

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import labels as L
-from pipeline import viz
+from pipeline import meniscus, viz
 from pipeline.run import Result
 
 from .slices import SliceVolumes, volumes_from_images
@@ -42,6 +42,7 @@ MODEL_FILES: list[tuple[str, str, str]] = [
     ("femur_glb", viz.GLB_NAMES["femur"], "femur"),
     ("tibia_glb", viz.GLB_NAMES["tibia"], "tibia"),
     ("patella_glb", viz.GLB_NAMES["patella"], "patella"),
+    ("menisci_glb", meniscus.GLB_NAME, "menisci over the tibia (covered cartilage tinted)"),
     (f"{L.SHAPE_PREFIXES['bone_cartilage']}_bone", "nsm_femur.glb", "NSM reconstruction (femur)"),
     (f"{L.SHAPE_PREFIXES['bone_only']}_bone", "nsm_bone_only_femur.glb",
      "NSM reconstruction (femur, bone-only model)"),

@@ -37,9 +37,10 @@ GLB_NAME = "menisci_coverage.glb"
 COVERED_TINT = 0.55  # how far a covered cartilage vertex is blended toward its meniscus colour
 
 
-def mesh_name(side: str) -> str:
-    """File name of one side's meniscus surface (as ``{bone}_mesh.vtk``)."""
-    return f"{side}_meniscus_mesh.vtk"
+def mesh_name(stem: str, side: str) -> str:
+    """File name of one side's meniscus surface. Not ``*_mesh.vtk``: scripts find the bone
+    surfaces (with their thickness arrays) by that pattern."""
+    return f"{stem}_{side}_meniscus.vtk"
 
 
 def meniscus_meshes(seg_c: sitk.Image, *, smooth_var: float, tmp_dir: Path | None = None
@@ -173,7 +174,7 @@ def metrics_of(volumes: dict[str, float], measured: dict[str, dict]) -> dict[str
 def stage(seg_c: sitk.Image, bones: list[BoneResult], outputs, *, smooth_var: float,
           tmp_dir: Path | None = None, frame=None) -> StageResult:
     """The "Menisci" stage: volumes, extrusion and coverage per side (metrics), the meniscus
-    surfaces (``{side}_meniscus_mesh.vtk``) and ``menisci_coverage.glb``; a missing meniscus
+    surfaces (``{stem}_{side}_meniscus.vtk``) and ``menisci_coverage.glb``; a missing meniscus
     or tibial cartilage is a note, never a failure."""
     from . import package
 
@@ -182,7 +183,8 @@ def stage(seg_c: sitk.Image, bones: list[BoneResult], outputs, *, smooth_var: fl
     measured, tib, more = measure(tibia, meshes)
     out = StageResult(metrics=metrics_of(volumes, measured), notes=notes + more)
     for side, mesh in meshes.items():
-        out.files[f"{side}_meniscus_mesh"] = outputs.write_mesh(mesh, mesh_name(side))
+        out.files[f"{side}_meniscus_mesh"] = outputs.write_mesh(mesh,
+                                                                mesh_name(outputs.stem, side))
     if meshes and tibia is not None:
         try:
             out.files["menisci_glb"] = outputs.add(

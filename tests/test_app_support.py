@@ -61,6 +61,27 @@ def test_t2_and_shape_tables_empty_without_keys() -> None:
                                      ["nsm_bone_only_assd_bone_mm", 0.3]]
 
 
+def test_meniscus_table_sides_measured_and_read_from_a_results_zip(tmp_path: Path) -> None:
+    import zipfile
+
+    metrics = {"med_men_volume_mm3": 3021.12, "med_men_extrusion_mm": 3.18149,
+               "med_men_coverage_pct": 43.9, "med_men_covered_area_mm2": 376.0,
+               "med_tib_cart_area_mm2": 855.9, "lat_men_volume_mm3": 900.7, "x": 1}
+    df = tables.meniscus_table(metrics)
+    assert df.columns.tolist() == ["side", "men_volume_mm3", "men_extrusion_mm",
+                                   "men_coverage_pct", "men_covered_area_mm2",
+                                   "tib_cart_area_mm2"]
+    assert df.values.tolist()[0] == ["medial", 3021.12, 3.181, 43.9, 376.0, 855.9]
+    assert df.values.tolist()[1][:2] == ["lateral", 900.7] and df.iloc[1, 2:].isna().all()
+    assert tables.meniscus_table({"pat_cart_mm_mean": 1.0}).empty
+    zpath = tmp_path / "knee_results.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("knee_results.json", json.dumps(metrics))
+    assert tables.meniscus_table_of_zip(zpath).equals(df)
+    assert tables.meniscus_table_of_zip(None).empty
+    assert tables.meniscus_table_of_zip(tmp_path / "gone.zip").empty
+
+
 def test_warnings_markdown() -> None:
     assert "No warnings" in tables.warnings_markdown([])
     md = tables.warnings_markdown(["a", "b"])

@@ -177,7 +177,7 @@ def test_page_upload_analyse_and_viewers(server, page, tmp_path: Path) -> None:
     queued = _wait_status(page, "s.includes('1st in line')", 60_000)
     assert queued.startswith("job ") and "about" in queued
     _screenshot(page, tmp_path, "knee_page_queued.png")
-    running = _wait_status(page, "/\\[[3-6]\\/9\\]/.test(s)")
+    running = _wait_status(page, "/\\[[3-7]\\/10\\]/.test(s)")
     assert running.split()[1] == queued.split()[1]  # same job id throughout
     _screenshot(page, tmp_path, "knee_page_running.png")
     _wait_status(page, "s.startsWith('Done')")
@@ -243,7 +243,7 @@ def test_page_bundled_example(server, page, tmp_path: Path) -> None:
     page.locator("#knee-analyse").wait_for()
     footer0 = page.locator("#knee-footer").inner_text()
     page.get_by_text("Synthetic knee phantom (image + segmentation)").click()
-    step = _wait_status(page, "/\\[[1-9]\\/9\\]/.test(s)")  # the example streams its steps
+    step = _wait_status(page, "/\\[([1-9]|10)\\/10\\]/.test(s)")  # the example streams its steps
     assert step.startswith("job ")
     _wait_status(page, "s.startsWith('Done')")
     page.wait_for_function(  # and counts in the usage footer

@@ -135,7 +135,7 @@ def test_files_provenance_and_the_coverage_glb(right_knee, tmp_path: Path) -> No
     _, seg_c, _, bones = right_knee
     result, _ = _run(seg_c, tmp_path, bones)
     assert {p.name for p in result.files.values()} == {
-        "med_meniscus_mesh.vtk", "lat_meniscus_mesh.vtk", "menisci_coverage.glb"}
+        "knee_med_meniscus.vtk", "knee_lat_meniscus.vtk", "menisci_coverage.glb"}
     info = result.info["menisci"]
     assert info["pymskt"] and info["extrusion_band"] == 0.1 and info["ray_cast_length_mm"] == 10
     glb = (tmp_path / "menisci_coverage.glb").read_bytes()

@@ -153,7 +153,7 @@ EXPECTED_FILES = {
     "femur_thickness.glb", "tibia_thickness.glb", "patella_thickness.glb", "knee_thickness.glb",
     "thickness_legend.png", "knee_thickness_map.png", "knee_qc.json",
     # The menisci (pipeline.meniscus): their surfaces and the coverage GLB.
-    "med_meniscus_mesh.vtk", "lat_meniscus_mesh.vtk", "menisci_coverage.glb",
+    "knee_med_meniscus.vtk", "knee_lat_meniscus.vtk", "menisci_coverage.glb",
 }
 
 
