@@ -147,3 +147,14 @@ class FakeRunner:
     def run(self, spec, on_step, timeout_s):
         on_step(Step("Loading input", 1, 9, 0.0))
         return self.outcome(spec)
+
+
+def edited_labels(seg, edit):
+    """A copy of the label image ``seg`` whose voxel array ``edit(array)`` changed in place."""
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(seg)
+    edit(arr)
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(seg)
+    return out

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import edited_labels
 
 from pipeline import geometry, meniscus, thickness
 from pipeline import labels as L
@@ -144,24 +145,16 @@ def test_files_provenance_and_the_coverage_glb(right_knee, tmp_path: Path) -> No
     assert [m["name"] for m in gltf["meshes"]] == ["tibia", "medial_meniscus", "lateral_meniscus"]
 
 
-def _edited(seg_c: sitk.Image, edit) -> sitk.Image:
-    arr = sitk.GetArrayFromImage(seg_c)
-    edit(arr)
-    out = sitk.GetImageFromArray(arr)
-    out.CopyInformation(seg_c)
-    return out
-
-
 def test_missing_menisci_and_cartilage_are_warnings_without_keys(right_knee,
                                                                  tmp_path: Path) -> None:
     _, seg_c, _, bones = right_knee
 
-    none_, _ = _run(_edited(seg_c, lambda a: a.__setitem__(np.isin(a, [5, 6]), 0)),
+    none_, _ = _run(edited_labels(seg_c, lambda a: a.__setitem__(np.isin(a, [5, 6]), 0)),
                     tmp_path / "none", bones)
     assert none_.metrics == {} and len(none_.notes) == 2 and none_.files == {}
     assert all("is not in the segmentation" in n for n in none_.notes)
 
-    one, _ = _run(_edited(seg_c, lambda a: a.__setitem__(a == L.LAT_MENISCUS, 0)),
+    one, _ = _run(edited_labels(seg_c, lambda a: a.__setitem__(a == L.LAT_MENISCUS, 0)),
                   tmp_path / "one", bones)
     assert set(one.metrics) == {k for k in L.meniscus_keys() if k.startswith("med_")}
     assert one.notes == ["lateral_meniscus (label 6) is not in the segmentation: no lateral "
@@ -171,11 +164,11 @@ def test_missing_menisci_and_cartilage_are_warnings_without_keys(right_knee,
         idx = np.argwhere(a == L.LAT_MENISCUS)
         a[a == L.LAT_MENISCUS] = 0
         a[tuple(idx[:20].T)] = L.LAT_MENISCUS
-    noise, _ = _run(_edited(seg_c, speck), tmp_path / "noise", bones)
+    noise, _ = _run(edited_labels(seg_c, speck), tmp_path / "noise", bones)
     assert "med_men_extrusion_mm" in noise.metrics and "lat_men_volume_mm3" not in noise.metrics
     assert "taken as segmentation noise" in noise.notes[0]
 
-    no_lat_cart = _edited(seg_c, lambda a: a.__setitem__(a == L.LAT_TIB_CART, 0))
+    no_lat_cart = edited_labels(seg_c, lambda a: a.__setitem__(a == L.LAT_TIB_CART, 0))
     bare, _ = _run(no_lat_cart, tmp_path / "bare")
     assert set(bare.metrics) == {"med_men_volume_mm3", "lat_men_volume_mm3"}
     assert "need both tibial cartilages" in bare.notes[0]
@@ -198,7 +191,7 @@ def test_a_meniscus_that_covers_no_cartilage_reads_zero_coverage(right_knee,
                       for ii, jj, kk in zip(i, j, k, strict=True)])
         inside = sign * x < rim + 0.5
         a[k[inside], j[inside], i[inside]] = 0
-    result, _ = _run(_edited(seg_c, outside_only), tmp_path, bones)
+    result, _ = _run(edited_labels(seg_c, outside_only), tmp_path, bones)
     assert result.metrics["med_men_coverage_pct"] == 0.0
     assert result.metrics["med_men_covered_area_mm2"] == 0.0
     assert result.metrics["med_tib_cart_area_mm2"] == pytest.approx(

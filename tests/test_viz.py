@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import edited_labels
 
 from pipeline import geometry, thickness, viz
 from pipeline import labels as L
@@ -322,16 +323,8 @@ def test_qc_example_is_plausible(written):
     assert femur["volume_mm3"] == pytest.approx(femur["voxels"] * qc["voxel_mm3"], rel=1e-4)
 
 
-def _edited(seg_c: sitk.Image, edit) -> sitk.Image:
-    arr = sitk.GetArrayFromImage(seg_c)
-    edit(arr)
-    out = sitk.GetImageFromArray(arr)
-    out.CopyInformation(seg_c)
-    return out
-
-
 def test_qc_flags_missing_patella(knee):
-    seg = _edited(knee[0], lambda a: a.__setitem__(a == L.PATELLA, 0))
+    seg = edited_labels(knee[0], lambda a: a.__setitem__(a == L.PATELLA, 0))
     qc = viz.qc_summary(seg)
     assert qc["plausible"] is False
     codes = {(f["code"], f["label"], f["severity"]) for f in qc["flags"]}
@@ -348,7 +341,7 @@ def test_qc_flags_split_femur_and_tiny_cartilage(knee):
         pat = np.argwhere(a == L.PATELLAR_CART)
         a[tuple(pat[20:].T)] = 0  # 20 voxels of patellar cartilage left
 
-    qc = viz.qc_summary(_edited(knee[0], edit))
+    qc = viz.qc_summary(edited_labels(knee[0], edit))
     assert qc["plausible"] is False
     flags = {(f["code"], f["label"]) for f in qc["flags"]}
     assert ("bone_split", L.FEMUR) in flags
@@ -358,7 +351,7 @@ def test_qc_flags_split_femur_and_tiny_cartilage(knee):
 
 
 def test_qc_missing_meniscus_is_only_a_warning(knee):
-    qc = viz.qc_summary(_edited(knee[0], lambda a: a.__setitem__(a == L.LAT_MENISCUS, 0)))
+    qc = viz.qc_summary(edited_labels(knee[0], lambda a: a.__setitem__(a == L.LAT_MENISCUS, 0)))
     assert qc["plausible"] is True
     assert [(f["code"], f["severity"]) for f in qc["flags"]] == [("missing", "warning")]
 
@@ -369,5 +362,5 @@ def test_write_visuals_without_bones_still_writes_legend_and_qc(knee, tmp_path):
 
 
 def test_qc_warnings_are_readable(knee):
-    qc = viz.qc_summary(_edited(knee[0], lambda a: a.__setitem__(a == L.PATELLA, 0)))
+    qc = viz.qc_summary(edited_labels(knee[0], lambda a: a.__setitem__(a == L.PATELLA, 0)))
     assert viz.qc_warnings(qc) == ["segmentation QC (error): patella (label 9) is missing."]
