@@ -7,6 +7,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.defaults import MAX_UPLOAD_MB
+
 DATA_DIR = Path("/data")  # Hugging Face Spaces' persistent storage, when attached
 LOCAL_STATE_DIR = Path(".knee_app")  # fallback, relative to the working directory
 
@@ -108,7 +110,7 @@ class Settings:
         return cls(
             host=_env_str("KNEE_APP_HOST"),
             port=_env_number("KNEE_APP_PORT", None),
-            max_upload_mb=_env_number("KNEE_MAX_UPLOAD_MB", 600.0, float),
+            max_upload_mb=_env_number("KNEE_MAX_UPLOAD_MB", MAX_UPLOAD_MB, float),
             queue_max=_env_number("KNEE_QUEUE_MAX", 8) or 8,
             jobs_db=Path(_env_str("KNEE_JOBS_DB") or default_jobs_db()).resolve(),
             results_dir=Path(_env_str("KNEE_RESULTS_DIR") or default_results_dir()).resolve(),

@@ -26,6 +26,7 @@ import gradio as gr
 import pandas as pd
 
 import pipeline
+from pipeline.defaults import mb_to_bytes
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.inputs import check_format
 from pipeline.run import NSM_CHOICES, Result, Step
@@ -159,7 +160,7 @@ class AnalysisService:
                  t2_series=None) -> AnalysisRequest:
         if not image:
             raise PipelineError(ErrorCode.INVALID_PARAMETERS, "upload an MRI image first.")
-        max_bytes = int(self.settings.max_upload_mb * 1024**2)
+        max_bytes = mb_to_bytes(self.settings.max_upload_mb)
         for path in (image, segmentation, t2_series):
             if path and not Path(path).exists():
                 raise PipelineError(

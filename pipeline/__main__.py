@@ -11,6 +11,7 @@ import json
 import sys
 import traceback
 
+from .defaults import MAX_UPLOAD_MB, mb_to_bytes
 from .errors import PipelineError
 
 
@@ -19,14 +20,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .labels import LABEL_NAMES
     from .mese_input import parse_echo_times
 
-    loaded = inputs.load_image(args.input, max_bytes=int(args.max_mb * 1024**2),
+    loaded = inputs.load_image(args.input, max_bytes=mb_to_bytes(args.max_mb),
                                echo_times_ms=parse_echo_times(args.echo_times))
     summary = loaded.summary()
     if args.seg:
         import numpy as np
         import SimpleITK as sitk
 
-        seg = inputs.load_segmentation(args.seg, loaded.image, max_bytes=int(args.max_mb * 1024**2))
+        seg = inputs.load_segmentation(args.seg, loaded.image, max_bytes=mb_to_bytes(args.max_mb))
         values, counts = np.unique(sitk.GetArrayViewFromImage(seg), return_counts=True)
         summary["segmentation"] = {
             "labels": {
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a JSON summary of an input (and segmentation)")
     p.add_argument("input")
     p.add_argument("--seg")
-    p.add_argument("--max-mb", type=float, default=600.0, help="upload size limit (MB)")
+    p.add_argument("--max-mb", type=float, default=MAX_UPLOAD_MB, help="upload size limit (MB)")
     p.add_argument("--echo-times", help="echo times (ms) of a 4-D MESE image, e.g. 10,20,30")
     p.set_defaults(func=_cmd_inspect)
 

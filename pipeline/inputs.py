@@ -27,11 +27,12 @@ import SimpleITK as sitk
 
 from . import labels as L
 from . import scratch
+from .defaults import MAX_UPLOAD_MB, mb_to_bytes
 from .errors import ErrorCode, PipelineError
 from .geometry import check_same_grid, orientation_code
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-DEFAULT_MAX_BYTES = 600 * 1024**2
+DEFAULT_MAX_BYTES = mb_to_bytes(MAX_UPLOAD_MB)
 MAX_ARCHIVE_MEMBERS = 5000
 MAX_ARCHIVE_BYTES = 4 * 1024**3
 MAX_ARCHIVE_RATIO = 200.0

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from . import geometry, inputs, package, regions, scratch, thickness, viz
 from . import labels as L
+from .defaults import CART_SMOOTH_VAR_MM2, MAX_UPLOAD_MB, mb_to_bytes
 from .errors import ErrorCode, PipelineError
 from .package import Outputs
 from .stage import StageResult
@@ -38,12 +39,12 @@ class Options:
     """Every option of a job (all recorded in the provenance)."""
 
     model: str | None = None  # registry name or local nnU-Net model folder
-    cart_smooth_var: float = 0.3125
+    cart_smooth_var: float = CART_SMOOTH_VAR_MM2
     compute_t2: bool = True
     nsm: str = "none"
     nsm_dir: str | None = None  # local NSM model folder (else the Hub)
     nsm_bscore_dir: str | None = None  # folder holding the BScore parameter folders
-    max_mb: float = 600.0
+    max_mb: float = MAX_UPLOAD_MB
     device: str = "auto"
     tta: bool = False  # test-time mirroring (off, as the published model is used)
     echo_times_ms: tuple[float, ...] | None = None  # of a 4-D MESE image (NIfTI/NRRD)
@@ -68,14 +69,15 @@ class Options:
     def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--model", help="segmentation model: registry name, local nnU-Net "
                             "folder, or DOSMA .h5 file / folder")
-        parser.add_argument("--cart-smooth", type=float, default=0.3125,
+        parser.add_argument("--cart-smooth", type=float, default=CART_SMOOTH_VAR_MM2,
                             help="cartilage Gaussian smoothing variance (mm²)")
         parser.add_argument("--no-t2", action="store_true", help="skip qDESS T2 mapping")
         parser.add_argument("--nsm", default="none", choices=NSM_CHOICES,
                             help="shape model: none, bone_cart, bone or both")
         parser.add_argument("--nsm-dir", help="local shape-model folder (instead of the Hub)")
         parser.add_argument("--nsm-bscore-dir", help="folder holding the BScore parameter folders")
-        parser.add_argument("--max-mb", type=float, default=600.0, help="upload size limit (MB)")
+        parser.add_argument("--max-mb", type=float, default=MAX_UPLOAD_MB,
+                            help="upload size limit (MB)")
         parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         parser.add_argument("--tta", action="store_true", help="test-time mirroring (slower)")
         parser.add_argument("--echo-times", help="echo times in ms of a 4-D MESE image "
@@ -374,7 +376,7 @@ def load_input(input_path, options: Options, echo2_path=None, qdess_params_path=
     """The "Loading input" stage: load and validate the MRI (and split qDESS echo 2, and the
     MESE T2 series); ``data["loaded"]`` is the ``inputs.LoadedImage`` (``data["t2_series"]``
     the MESE's), its warnings the notes. Archives are extracted under ``tmp_dir``."""
-    max_bytes = int(options.max_mb * 1024**2)
+    max_bytes = mb_to_bytes(options.max_mb)
     loaded = inputs.load_image(input_path, max_bytes=max_bytes, tmp_dir=tmp_dir,
                                echo_times_ms=options.echo_times_ms)
     if (echo2_path is None) != (qdess_params_path is None):
@@ -420,7 +422,7 @@ def _segmentation(loaded, options: Options, track: _Tracker, *, seg_path, preseg
     model's (``images["labels"]`` on the input's grid; ``info``: source and model record)."""
     if seg_path is not None:
         seg = inputs.load_segmentation(seg_path, loaded.image,
-                                       max_bytes=int(options.max_mb * 1024**2), tmp_dir=tmp_dir)
+                                       max_bytes=mb_to_bytes(options.max_mb), tmp_dir=tmp_dir)
         out = StageResult(images={"labels": seg}, info={"source": "upload", "model": None})
     else:
         if presegmented is not None:

@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from . import labels as L
 from . import rays, scratch
+from .defaults import CART_SMOOTH_VAR_MM2
 from .quiet import silenced
 from .stage import StageResult
 
@@ -151,7 +152,7 @@ def mesh_bone(
     subregions: sitk.Image,
     spec: BoneSpec,
     *,
-    cart_smooth_var: float = 0.3125,
+    cart_smooth_var: float = CART_SMOOTH_VAR_MM2,
     bone_smooth_var: float = 0.5,
     tmp_dir: Path | None = None,
 ) -> tuple[BoneResult | None, list[str]]:
@@ -174,7 +175,7 @@ def mesh_bone(
 
 
 def bone_surface(
-    seg: sitk.Image, spec: BoneSpec, *, cart_smooth_var: float = 0.3125,
+    seg: sitk.Image, spec: BoneSpec, *, cart_smooth_var: float = CART_SMOOTH_VAR_MM2,
     bone_smooth_var: float = 0.5, tmp_dir: Path | None = None,
 ) -> tuple[BoneResult | None, list[str]]:
     """The bone's surface (pymskt) with the cartilage thickness at its vertices; region labels
@@ -231,7 +232,7 @@ def assign_regions(
 
 
 def region_surfaces(
-    subregions: sitk.Image, spec: BoneSpec, *, cart_smooth_var: float = 0.3125,
+    subregions: sitk.Image, spec: BoneSpec, *, cart_smooth_var: float = CART_SMOOTH_VAR_MM2,
     tmp_dir: Path | None = None,
 ) -> tuple[list[int], list, list[str]]:
     """The cartilage surfaces of a bone's regions (labels present and large enough), with a
@@ -253,7 +254,7 @@ class SurfaceJobs:
     computed in this process when asked for. The results are the same either way (test).
     """
 
-    def __init__(self, seg: sitk.Image, *, cart_smooth_var: float = 0.3125,
+    def __init__(self, seg: sitk.Image, *, cart_smooth_var: float = CART_SMOOTH_VAR_MM2,
                  bone_smooth_var: float = 0.5, workers: int | None = None,
                  tmp_dir: Path | None = None):
         from . import parallel
