@@ -53,7 +53,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
     settings = settings or Settings.from_env()
     settings.pin_gradio_temp_dir()  # before any Blocks exists: Gradio reads it at creation
     service = AnalysisService(settings, protected_files=[EXAMPLE_IMAGE, EXAMPLE_SEG])
-    models = system.model_choices()
+    models = system.segmentation_models()
     choices = system.segmentation_choices(models)
     default_model = system.default_segmentation_choice(models)
     defaults = Options()

@@ -486,7 +486,7 @@ class AnalysisService:
             "device": dev["device"],
             "gpu": dev["gpu"],
             "zero_gpu": self.settings.zero_gpu,
-            "models": [m.id for m in system.model_choices()],
+            "models": [m.id for m in system.segmentation_models()],
             "queue": {"waiting": counts["waiting"], "running": counts["running"],
                       "max_size": self.settings.queue_max},
             "store": {"db": str(self.settings.jobs_db),  # not "path": clients read that as a file

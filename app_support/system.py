@@ -39,7 +39,7 @@ class ModelChoice:
     demo: bool = False  # toy model: offered, but never the default
 
 
-def model_choices() -> list[ModelChoice]:
+def segmentation_models() -> list[ModelChoice]:
     """Segmentation models usable on this host now ([] if none).
 
     ``pipeline.models`` may be absent in a trimmed install, hence the ImportError guard; any
@@ -58,14 +58,14 @@ def model_choices() -> list[ModelChoice]:
 
 def segmentation_choices(models: list[ModelChoice] | None = None) -> list[tuple[str, str]]:
     """Dropdown ``(label, value)`` pairs: usable models, then 'use my segmentation'."""
-    models = model_choices() if models is None else models
+    models = segmentation_models() if models is None else models
     return [*((m.label, m.id) for m in models), (USE_OWN_SEG, USE_OWN_SEG)]
 
 
 def default_segmentation_choice(models: list[ModelChoice] | None = None) -> str:
     """The first real model; else 'use my segmentation' (a demo model is never the default,
     it is meaningless on real scans)."""
-    models = model_choices() if models is None else models
+    models = segmentation_models() if models is None else models
     return next((m.id for m in models if not m.demo), USE_OWN_SEG)
 
 

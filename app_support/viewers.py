@@ -205,7 +205,7 @@ def model_values(vis: visuals.JobVisuals | None) -> tuple:
 
 def choice_update(paths: list[str] | list[Path] | None) -> Any:
     """The 3-D radio offering the GLBs present, the first (whole knee) selected."""
-    choices = visuals.model_choices(paths)
+    choices = visuals.viewer_choices(paths)
     return gr.update(choices=choices, value=choices[0][1] if choices else None)
 
 

@@ -141,7 +141,7 @@ def collect(result: Result, dest_dir: str | os.PathLike, *, max_voxels: int,
 
 # ---------------------------------------------------------------- page values
 
-def model_choices(paths: list[str] | list[Path] | None) -> list[tuple[str, str]]:
+def viewer_choices(paths: list[str] | list[Path] | None) -> list[tuple[str, str]]:
     """Radio ``(label, file name)`` pairs for the GLBs present."""
     names = {Path(p).name for p in paths or []}
     return [(label, name) for _, name, label in MODEL_FILES if name in names]

@@ -221,7 +221,7 @@ def test_qc_summary_texts() -> None:
 
 def test_model_choice_and_values(tmp_path: Path) -> None:
     paths = [str(tmp_path / n) for n in ("knee_thickness.glb", "patella_thickness.glb")]
-    assert visuals.model_choices(paths) == [("whole knee", "knee_thickness.glb"),
+    assert visuals.viewer_choices(paths) == [("whole knee", "knee_thickness.glb"),
                                             ("patella", "patella_thickness.glb")]
     assert visuals.pick_model("patella_thickness.glb", paths) == paths[1]
     assert visuals.pick_model("femur_thickness.glb", paths) == paths[0]

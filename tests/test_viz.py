@@ -280,14 +280,14 @@ def test_thickness_map_png_is_written_and_not_blank(written):
 def test_side_detection_and_left_knee_maps(knee, tmp_path):
     seg_c, _, results = knee
     frame = viz.knee_frame(results, seg_c)
-    assert viz.knee_side(viz.medial_sign(results, frame)) == "right"  # the example's truth
+    assert viz.side_of_sign(viz.medial_sign(results, frame)) == "right"  # the example's truth
     mirrored = []
     for res in results:
         mesh = res.bone_mesh.copy()
         mesh.points[:, 0] *= -1
         mirrored.append(dataclasses.replace(res, bone_mesh=mesh))
     frame = viz.knee_frame(mirrored, seg_c)
-    assert viz.knee_side(viz.medial_sign(mirrored, frame)) == "left"
+    assert viz.side_of_sign(viz.medial_sign(mirrored, frame)) == "left"
     assert viz.thickness_map_png(mirrored, tmp_path / "left.png", frame=frame).stat().st_size
 
 

@@ -26,7 +26,7 @@ from .colors import (
     label_name,
     thickness_colors,
 )
-from .maps import knee_side, medial_sign, t2_legend_png, thickness_legend_png, thickness_map_png
+from .maps import medial_sign, side_of_sign, t2_legend_png, thickness_legend_png, thickness_map_png
 from .mesh3d import GLB_NAMES, KNEE_GLB, ViewFrame, export_nsm_glb, export_thickness_glbs
 from .qc import qc_summary, qc_warnings
 from .slices import AXES, label_legend, n_slices, render_slice, window_levels
@@ -36,7 +36,7 @@ LEGEND_PNG = "thickness_legend.png"
 __all__ = [
     "AXES", "GLB_NAMES", "KNEE_GLB", "LEGEND_PNG", "NO_CARTILAGE_RGB", "T2_CMAP", "T2_RANGE_MS",
     "THICKNESS_CMAP", "THICKNESS_RANGE_MM", "ViewFrame", "export_nsm_glb",
-    "export_thickness_glbs", "knee_frame", "knee_side", "label_legend", "label_name",
+    "export_thickness_glbs", "knee_frame", "side_of_sign", "label_legend", "label_name",
     "medial_sign", "n_slices", "qc_summary", "qc_warnings", "render_slice", "t2_legend_png",
     "thickness_colors", "thickness_legend_png", "thickness_map_png", "window_levels",
     "qc_stage", "stage", "write_visuals",

@@ -52,7 +52,7 @@ def medial_sign(results: list[BoneResult], frame: ViewFrame) -> float | None:
     return 1.0 if np.mean(med_x) > np.mean(lat_x) else -1.0
 
 
-def knee_side(sign: float | None) -> str | None:
+def side_of_sign(sign: float | None) -> str | None:
     """'right' when medial is toward the patient's left, as in a right knee."""
     return None if sign is None else ("right" if sign > 0 else "left")
 
@@ -183,7 +183,7 @@ def thickness_map_png(results: list[BoneResult], path: str | Path, *, frame: Vie
     from matplotlib.tri import Triangulation
 
     sign = medial_sign(results, frame)
-    side = knee_side(sign)
+    side = side_of_sign(sign)
     panels = [_panel(res, frame, sign or 1.0) for res in results]
     vmin, vmax = THICKNESS_RANGE_MM
     cmap = colormaps[THICKNESS_CMAP]
