@@ -117,20 +117,34 @@ def load_image(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
         raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: file not found")
     _check_size(path, max_bytes)
     stem = input_stem(path)
-    low = path.name.lower()
-    if path.is_dir():
+    kind = input_kind(path)
+    if kind == "folder":
         loaded = _load_from_folder(path, stem, "dicom-folder", echo_times_ms)
-    elif low.endswith(".zip"):
+    elif kind == "zip":
         with _extracted(path, tmp_dir) as folder:
             loaded = _load_from_folder(folder, stem, "zip", echo_times_ms)
-    elif low.endswith(IMAGE_EXTENSIONS):
+    elif kind == "image":
         loaded = _image_input(path, stem, _format_of(path), echo_times_ms)
-    elif low.endswith((".dcm", ".ima")) or _is_dicom(path):
-        loaded = _load_single_dicom(path, stem)
     else:
-        raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: {UNSUPPORTED}")
+        loaded = _load_single_dicom(path, stem)
     loaded.image = _validated(loaded.image, path.name)
     return loaded
+
+
+def input_kind(path: Path) -> str:
+    """Which reader an upload needs: ``folder``, ``zip``, ``image`` (SimpleITK formats) or
+    ``dicom`` (one file); INVALID_FORMAT for anything else. The one format dispatch of
+    ``load_image`` and ``check_format``."""
+    low = path.name.lower()
+    if path.is_dir():
+        return "folder"
+    if low.endswith(".zip"):
+        return "zip"
+    if low.endswith(IMAGE_EXTENSIONS):
+        return "image"
+    if low.endswith((".dcm", ".ima")) or _is_dicom(path):
+        return "dicom"
+    raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: {UNSUPPORTED}")
 
 
 def check_format(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
@@ -141,15 +155,11 @@ def check_format(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES)
     if not path.exists():
         raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: file not found")
     _check_size(path, max_bytes)
-    low = path.name.lower()
-    if path.is_dir():
-        return
-    if low.endswith(".zip"):
-        if not zipfile.is_zipfile(path):
-            raise PipelineError(ErrorCode.INVALID_FORMAT,
-                                f"{path.name}: not a readable zip archive (corrupt or truncated).")
-        return
-    if low.endswith(IMAGE_EXTENSIONS):
+    kind = input_kind(path)
+    if kind == "zip" and not zipfile.is_zipfile(path):
+        raise PipelineError(ErrorCode.INVALID_FORMAT,
+                            f"{path.name}: not a readable zip archive (corrupt or truncated).")
+    if kind == "image":
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         try:
@@ -158,13 +168,8 @@ def check_format(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES)
             raise PipelineError(
                 ErrorCode.INVALID_FORMAT,
                 f"{path.name}: not a readable image (corrupt or truncated).") from None
-        return
-    if low.endswith((".dcm", ".ima")) or _is_dicom(path):
-        if _read_header(path) is None:
-            raise PipelineError(ErrorCode.INVALID_FORMAT,
-                                f"{path.name}: not a readable DICOM file.")
-        return
-    raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: {UNSUPPORTED}")
+    if kind == "dicom" and _read_header(path) is None:
+        raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: not a readable DICOM file.")
 
 
 def attach_echoes(
