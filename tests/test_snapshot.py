@@ -11,32 +11,23 @@ commit.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from pipeline.synthetic.snapshot_cases import snapshot
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script(name: str):
-    """``scripts/{name}.py`` as a module (scripts/ is a folder of programs, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-metrics_snapshot = _script("metrics_snapshot")
+NSM_FIXTURE = ROOT.parent / "shared" / "fixtures" / "nsm"
 SNAPSHOT = json.loads((ROOT / "tests" / "data" / "metrics_snapshot.json").read_text())
 TOL = 1e-9
 
 
 @pytest.mark.parametrize("case", sorted(SNAPSHOT))
 def test_metrics_equal_the_snapshot(case, tmp_path):
-    found = metrics_snapshot.snapshot(case, tmp_path)
+    found = snapshot(case, tmp_path, NSM_FIXTURE)
     if found is None:
         pytest.skip(f"case {case} needs ../shared/fixtures (only on team machines)")
     expected = SNAPSHOT[case]
