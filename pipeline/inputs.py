@@ -178,8 +178,8 @@ def attach_echoes(
 ) -> LoadedImage:
     """Two-echo qDESS from already split echoes: ``loaded`` is echo 1, plus echo 2 and a JSON
     of acquisition parameters (TR, TE, flip angle, GL_AREA, TG). The RSS becomes the image."""
+    from .qdess_input import rss_image
     from .t2.mapping import QDessParams
-    from .t2.qdess import rss_image
 
     if loaded.echo1 is not None:
         raise PipelineError(
@@ -532,7 +532,7 @@ def _load_from_folder(folder: Path, stem: str, fmt: str,
 
 def _load_series(items: list[tuple[Path, object]], stem: str, fmt: str) -> LoadedImage:
     from . import mese_input
-    from .t2 import qdess
+    from . import qdess_input as qdess
 
     description = _series_description(items[0][1])
     datasets = [ds for _, ds in items]

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
+from . import qdess_input as Q
 from .errors import ErrorCode, PipelineError
-from .t2 import qdess as Q
 
 MIN_ECHOES = 3
 TE_DECIMALS = 2  # EchoTime is a decimal string: "6.3" and "6.30" are one echo

@@ -12,9 +12,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from pipeline.errors import ErrorCode, PipelineError
-from pipeline.synthetic.dicom_writer import SeriesIdentity, write_dicom_series, write_qdess_series
-from pipeline.t2.mapping import SKIP_TAGS_REMOVED, QDessParams
-from pipeline.t2.qdess import (
+from pipeline.qdess_input import (
     is_two_echo_series,
     load_qdess_series,
     read_qdess_params,
@@ -22,6 +20,8 @@ from pipeline.t2.qdess import (
     series_t2_map,
     split_echoes,
 )
+from pipeline.synthetic.dicom_writer import SeriesIdentity, write_dicom_series, write_qdess_series
+from pipeline.t2.mapping import SKIP_TAGS_REMOVED, QDessParams
 
 FIXTURE = (Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "qdess_t2"
            / "qdess_t2_A.npz")

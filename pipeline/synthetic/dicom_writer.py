@@ -29,8 +29,8 @@ from pydicom.valuerep import format_number_as_ds
 
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.inputs import check_same_grid
+from pipeline.qdess_input import GE_CREATOR, GE_GROUP, GL_AREA_OFFSET, TG_OFFSET
 from pipeline.t2.mapping import QDessParams
-from pipeline.t2.qdess import GE_CREATOR, GE_GROUP, GL_AREA_OFFSET, TG_OFFSET
 
 GE_MANUFACTURER = "GE MEDICAL SYSTEMS"
 _UINT16_MAX = 65535

@@ -2,7 +2,7 @@
 
 Spec: ``shared/specs/qdess-t2.md`` §5 (formula and order of operations) and §7 (gatekeeping,
 clipping and region statistics). Everything here is plain numpy on arrays; the DICOM side
-lives in :mod:`pipeline.t2.qdess`.
+lives with the inputs, in :mod:`pipeline.qdess_input`.
 """
 
 from __future__ import annotations

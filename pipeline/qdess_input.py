@@ -21,8 +21,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-from ..errors import ErrorCode, PipelineError
-from .mapping import (
+from .errors import ErrorCode, PipelineError
+from .t2.mapping import (
     QDessParams,
     compute_rss,
     compute_t2_map,
