@@ -1,18 +1,22 @@
 """One entry point that runs the stages in order: ``run(input, out_dir, Options(), ...)``.
 
-Data flows one way: load → segmentation → canonical orientation → femoral subregions →
-meshes and thickness per bone → menisci → T2 (qDESS) → shape model → package. Each step is reported
-through the ``progress`` callback as a ``Step`` (name, index, total, fraction).
+Data flows one way: load → segmentation (and canonical orientation) → femoral subregions →
+meshes and thickness per bone → menisci → T2 (qDESS or MESE) → shape model → package. ``run()``
+walks ``STAGES``, each a ``stage.Stage`` called with the job's ``stage.StageContext`` (inputs,
+options, scratch folder, progress, the results of the stages before it) and returning a
+``StageResult``; the progress steps (``Step``: name, index, total, fraction) follow the same
+list. A new stage is a function and one entry in ``STAGES`` (or ``run(stages=...)``).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,7 @@ from . import labels as L
 from .defaults import CART_SMOOTH_VAR_MM2, MAX_UPLOAD_MB, mb_to_bytes
 from .errors import ErrorCode, PipelineError
 from .package import Outputs
-from .stage import StageResult
+from .stage import Stage, StageContext, StageResult
 
 # The --nsm choices and the shape-model variants each fits (``shape.weights.NSM_MODELS``).
 NSM_VARIANTS: dict[str, tuple[str, ...]] = {
@@ -136,44 +140,33 @@ ProgressFn = Callable[[Step], None]
 # Wraps the accelerator-bound calls: ``accelerate(kind, fn) -> fn`` with kind "segmentation" or
 # "shape_fit" (the app uses it for ZeroGPU's ``spaces.GPU``; everything else runs outside).
 Accelerate = Callable[[str, Callable], Callable]
-
-STAGES = (
-    "Loading input",
-    "Segmentation",
-    "Femoral subregions",
-    "Femur surface and thickness",
-    "Tibia surface and thickness",
-    "Patella surface and thickness",
-    "Menisci",
-    "T2 mapping",
-    "Shape model",
-    "Writing results",
-)
-
+# Progress inside a stage: ``progress(done, total, detail="")``.
+SubProgress = Callable[..., None]
 
 class _Tracker:
-    """Times stages and forwards progress."""
+    """Times stages and forwards progress; the steps are numbered in ``names``' order."""
 
-    def __init__(self, progress: ProgressFn | None):
+    def __init__(self, progress: ProgressFn | None, names: Sequence[str]):
         self.progress = progress
+        self.names = list(names)
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        index = STAGES.index(name) + 1
-        self._emit(Step(name, index, len(STAGES), (index - 1) / len(STAGES)))
+        index, total = self.names.index(name) + 1, len(self.names)
+        self._emit(Step(name, index, total, (index - 1) / total))
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
-        self._emit(Step(name, index, len(STAGES), index / len(STAGES)))
+        self._emit(Step(name, index, total, index / total))
 
     def sub(self, name: str, done: int, total: int, detail: str = "") -> None:
         """Progress inside a stage (e.g. segmentation patches, fit iterations)."""
-        index = STAGES.index(name) + 1
-        frac = (index - 1 + done / max(total, 1)) / len(STAGES)
-        self._emit(Step(name, index, len(STAGES), frac, detail or f"{done}/{total}"))
+        index = self.names.index(name) + 1
+        frac = (index - 1 + done / max(total, 1)) / len(self.names)
+        self._emit(Step(name, index, len(self.names), frac, detail or f"{done}/{total}"))
 
     def _emit(self, step: Step) -> None:
         if self.progress is not None:
@@ -194,6 +187,7 @@ def run(
     segmenter=None,
     tmp_dir: str | Path | None = None,
     t2_series_path: str | Path | None = None,
+    stages: Sequence[Stage] | None = None,
 ) -> Result:
     """Run the whole pipeline on one input; write the results folder and zip into ``out_dir``.
 
@@ -208,116 +202,205 @@ def run(
     however it ends.
     ``t2_series_path`` is a MESE series whose T2 takes this input's labels (resampled by
     physical coordinates); a MESE input with no segmentation and no model gives its T2 maps only.
+    ``stages`` (default ``STAGES``) is the ordered list of stages; the progress steps follow it.
     Several jobs may run at once in one process (threads); each stage's result is its own.
     """
-    options = options or Options()
+    stages = STAGES if stages is None else tuple(stages)
     started = datetime.now(timezone.utc)
-    track = _Tracker(progress)
+    track = _Tracker(progress, [stage.name for stage in stages])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    done: list[StageResult] = []  # in stage order: their notes become the warnings in order
+    request = {"seg_path": seg_path, "echo2_path": echo2_path,
+               "qdess_params_path": qdess_params_path, "t2_series_path": t2_series_path,
+               "presegmented": presegmented, "segmenter": segmenter, "accelerate": accelerate,
+               "started": started, "stage_seconds": track.seconds,
+               "provenance_keys": {stage.name: stage.provenance for stage in stages}}
+    with scratch.folder(tmp_dir) as job_tmp, ExitStack() as cleanup:
+        ctx = StageContext(Path(input_path), options or Options(), out, job_tmp, request,
+                           cleanup)
+        for stage in stages:
+            if not stage.applies(ctx):
+                continue
+            ctx.progress = partial(track.sub, stage.name)
+            with track.stage(stage.name):
+                result = stage.run(ctx)
+            if result is not None:
+                ctx.results[stage.name] = result
+                if result.info.get("seconds_beforehand"):  # e.g. a cohort's presegmentation
+                    seconds = track.seconds[stage.name] + result.info["seconds_beforehand"]
+                    track.seconds[stage.name] = round(seconds, 3)
+    return _result(ctx, track)
 
-    with scratch.folder(tmp_dir) as job_tmp:
-        with track.stage("Loading input"):
-            done.append(load_input(input_path, options, echo2_path, qdess_params_path,
-                                   tmp_dir=job_tmp, t2_series_path=t2_series_path))
-        loaded = done[-1].data["loaded"]
-        t2_series = done[-1].data.get("t2_series")
-        outputs = Outputs(out, loaded.stem)
-        if (loaded.mese is not None and seg_path is None and presegmented is None
-                and options.model is None):
-            return _t2_maps_only(loaded, options, outputs, track, done, started)
 
-        with track.stage("Segmentation"):
-            segmentation = _segmentation(loaded, options, track, seg_path=seg_path,
-                                         presegmented=presegmented, segmenter=segmenter,
-                                         accelerate=accelerate, tmp_dir=job_tmp)
-            done.append(segmentation)
-        if presegmented is not None and seg_path is None:
-            seconds = track.seconds["Segmentation"] + presegmented.seconds  # done beforehand
-            track.seconds["Segmentation"] = round(seconds, 3)
+def _has_labels(ctx: StageContext) -> bool:
+    """A label map will exist: uploaded, made beforehand or by a model. Without one (a MESE
+    alone) the job gives the T2 maps only."""
+    r = ctx.request
+    return (ctx.data("loaded").mese is None or r["seg_path"] is not None
+            or r["presegmented"] is not None or ctx.options.model is not None)
 
-        seg_c = geometry.to_canonical(segmentation.images["labels"])
-        # The bone surfaces need only the labels: they start now (in worker processes when
-        # there are cores for them) and the subregions are computed meanwhile.
-        with thickness.SurfaceJobs(seg_c, cart_smooth_var=options.cart_smooth_var,
-                                   tmp_dir=job_tmp) as surfaces:
-            quality = viz.qc_stage(seg_c)
-            done.append(quality)
-            with track.stage("Femoral subregions"):
-                subregions = regions.stage(seg_c, loaded.image, outputs)
-                done.append(subregions)
-                sub_c = subregions.images["subregions"]
-                surfaces.prepare_regions(sub_c)
-            for spec in thickness.BONES:
-                with track.stage(f"{spec.name.capitalize()} surface and thickness"):
-                    surfaces.get(spec, sub_c)
-            morphometry = surfaces.stage_result(sub_c)
-            done.append(morphometry)
-        bones = morphometry.data["bones"]
 
-        with track.stage("Menisci"):
-            from . import meniscus
+def _load_stage(ctx: StageContext) -> StageResult:
+    r = ctx.request
+    result = load_input(ctx.input_path, ctx.options, r["echo2_path"], r["qdess_params_path"],
+                        tmp_dir=ctx.tmp_dir, t2_series_path=r["t2_series_path"])
+    ctx.outputs = Outputs(ctx.out_dir, result.data["loaded"].stem)
+    return result
 
-            menisci = meniscus.stage(seg_c, bones, outputs, smooth_var=options.cart_smooth_var,
-                                     tmp_dir=job_tmp,
-                                     frame=viz.knee_frame(bones, seg_c) if bones else None)
-            done.append(menisci)
 
-        with track.stage("T2 mapping"):
-            from .t2.stage import stage as t2_stage
+def _segmentation_stage(ctx: StageContext) -> StageResult:
+    r = ctx.request
+    result = _segmentation(ctx.data("loaded"), ctx.options, ctx.progress,
+                           seg_path=r["seg_path"], presegmented=r["presegmented"],
+                           segmenter=r["segmenter"], accelerate=r["accelerate"],
+                           tmp_dir=ctx.tmp_dir)
+    if r["presegmented"] is not None and r["seg_path"] is None:
+        result.info["seconds_beforehand"] = r["presegmented"].seconds
+    result.data["seg_c"] = geometry.to_canonical(result.images["labels"])
+    return result
 
-            t2 = t2_stage(loaded, seg_c, sub_c, bones, enabled=options.compute_t2,
-                          outputs=outputs, t2_series=t2_series,
-                          mese_settings=_mese_settings(options))
-            done.append(t2)
 
-        with track.stage("Shape model"):
-            if options.nsm != "none":
-                from .shape.stage import stage as shape_stage
+def _subregions_stage(ctx: StageContext) -> StageResult:
+    seg_c = ctx.data("seg_c")
+    # The bone surfaces need only the labels: they start now (in worker processes when there
+    # are cores for them) and the subregions are computed meanwhile.
+    surfaces = ctx.cleanup.enter_context(thickness.SurfaceJobs(
+        seg_c, cart_smooth_var=ctx.options.cart_smooth_var, tmp_dir=ctx.tmp_dir))
+    quality = viz.qc_stage(seg_c)
+    ctx.results["Segmentation QC"] = quality  # its notes come before the subregions'
+    result = regions.stage(seg_c, ctx.data("loaded").image, ctx.outputs)
+    surfaces.prepare_regions(result.images["subregions"])
+    result.data["surfaces"] = surfaces
+    return result
 
-                shape = shape_stage(
-                    NSM_VARIANTS[options.nsm], sub_c, bones, out_dir=out,
-                    model_dir=options.nsm_dir, bscore_dir=options.nsm_bscore_dir,
-                    device=options.device, accelerate=accelerate,
-                    progress=lambda i, n: track.sub("Shape model", i, n, f"fit iteration {i}/{n}"),
-                )
-                for path in shape.files.values():
-                    outputs.add(path)
-                done.append(shape)
 
-        with track.stage("Writing results"):
-            mesh_index, mesh_files = package.write_meshes(outputs, bones)
-            visuals = viz.stage(out, loaded.stem, bones, seg_c, qc=quality.info["qc"])
-            for path in visuals.files.values():
-                outputs.add(path)
-            done.append(visuals)
-            metrics = _merged_metrics(done)
-            warnings = [note for result in done for note in result.notes]
-            outputs.write_metrics(metrics, text=_t2_text(t2))
-            qc = quality.info["qc"]
-            provenance = package.provenance(
-                loaded, options, model_info=segmentation.info.get("model"),
-                seg_source=segmentation.info["source"], stage_seconds=track.seconds,
-                started=started, warnings=warnings, mesh_index=mesh_index,
-                extra={
-                    "qc": {"plausible": qc.get("plausible"), "reasons": qc.get("reasons")},
-                    # Each bone surface's own seconds (they overlap the stages above when
-                    # in workers).
-                    "surface_seconds": morphometry.info["surface_seconds"],
-                    **menisci.info,
-                    **t2.info,
-                },
-            )
-            outputs.write_json(provenance, f"{loaded.stem}_provenance.json")
-            zip_path = outputs.zip()
+def _bone_stage(spec: thickness.BoneSpec) -> Stage:
+    """One bone's surface and thickness; the last bone also returns all bones' results."""
+    def bone(ctx: StageContext) -> StageResult | None:
+        sub_c = ctx.image("subregions")
+        ctx.data("surfaces").get(spec, sub_c)
+        return ctx.data("surfaces").stage_result(sub_c) if spec is thickness.BONES[-1] else None
+    # Each bone surface's own seconds: they overlap the stages above when in workers.
+    return Stage(f"{spec.name.capitalize()} surface and thickness", bone, _has_labels,
+                 provenance=("surface_seconds",))
+
+
+def _menisci_stage(ctx: StageContext) -> StageResult:
+    from . import meniscus
+
+    seg_c, bones = ctx.data("seg_c"), ctx.data("bones")
+    return meniscus.stage(seg_c, bones, ctx.outputs, smooth_var=ctx.options.cart_smooth_var,
+                          tmp_dir=ctx.tmp_dir,
+                          frame=viz.knee_frame(bones, seg_c) if bones else None)
+
+
+def _t2_stage(ctx: StageContext) -> StageResult:
+    from .t2.stage import stage as t2_stage
+
+    settings = _mese_settings(ctx.options)
+    if not _has_labels(ctx):  # a MESE alone: its maps, and a note why no regional values
+        return t2_stage(ctx.data("loaded"), None, None, [], enabled=ctx.options.compute_t2,
+                        outputs=ctx.outputs, mese_settings=settings)
+    return t2_stage(ctx.data("loaded"), ctx.data("seg_c"), ctx.image("subregions"),
+                    ctx.data("bones"), enabled=ctx.options.compute_t2, outputs=ctx.outputs,
+                    t2_series=ctx.data("t2_series"), mese_settings=settings)
+
+
+def _shape_stage(ctx: StageContext) -> StageResult | None:
+    options = ctx.options
+    if options.nsm == "none":
+        return None
+    from .shape.stage import stage as shape_stage
+
+    shape = shape_stage(
+        NSM_VARIANTS[options.nsm], ctx.image("subregions"), ctx.data("bones"),
+        out_dir=ctx.out_dir, model_dir=options.nsm_dir, bscore_dir=options.nsm_bscore_dir,
+        device=options.device, accelerate=ctx.request["accelerate"],
+        progress=lambda i, n: ctx.progress(i, n, f"fit iteration {i}/{n}"),
+    )
+    for path in shape.files.values():
+        ctx.outputs.add(path)
+    return shape
+
+
+def _write_stage(ctx: StageContext) -> StageResult:
+    """The meshes, pictures, results table, provenance and zip; ``data["job"]`` holds what
+    ``run()`` returns besides (metrics, warnings, provenance, mesh files, zip)."""
+    loaded, outputs, options = ctx.data("loaded"), ctx.outputs, ctx.options
+    r = ctx.request
+    if not _has_labels(ctx):
+        out = StageResult()
+        done = [*ctx.results.values(), out]
+        warnings = [note for result in done for note in result.notes]
+        outputs.write_metrics({}, text=_t2_text(done))
+        provenance = package.provenance(
+            loaded, options, model_info=None, seg_source="none",
+            stage_seconds=r["stage_seconds"], started=r["started"], warnings=warnings,
+            mesh_index={}, extra=_stage_info(ctx))
+        outputs.write_json(provenance, f"{loaded.stem}_provenance.json")
+        out.data["job"] = {"metrics": {}, "warnings": warnings, "provenance": provenance,
+                           "mesh_files": {}, "zip": outputs.zip()}
+        return out
+    bones, seg_c, qc = ctx.data("bones"), ctx.data("seg_c"), ctx.results["Segmentation QC"]
+    mesh_index, mesh_files = package.write_meshes(outputs, bones)
+    visuals = viz.stage(ctx.out_dir, loaded.stem, bones, seg_c, qc=qc.info["qc"])
+    for path in visuals.files.values():
+        outputs.add(path)
+    done = [*ctx.results.values(), visuals]
+    metrics = _merged_metrics(done)
+    warnings = [note for result in done for note in result.notes]
+    outputs.write_metrics(metrics, text=_t2_text(done))
+    segmentation = ctx.results["Segmentation"]
+    summary = qc.info["qc"]
+    provenance = package.provenance(
+        loaded, options, model_info=segmentation.info.get("model"),
+        seg_source=segmentation.info["source"], stage_seconds=r["stage_seconds"],
+        started=r["started"], warnings=warnings, mesh_index=mesh_index,
+        extra={"qc": {"plausible": summary.get("plausible"), "reasons": summary.get("reasons")},
+               **_stage_info(ctx)},
+    )
+    outputs.write_json(provenance, f"{loaded.stem}_provenance.json")
+    visuals.data["job"] = {"metrics": metrics, "warnings": warnings, "provenance": provenance,
+                           "mesh_files": mesh_files, "zip": outputs.zip()}
+    return visuals
+
+
+def _stage_info(ctx: StageContext) -> dict:
+    """The ``info`` records each stage declares for the provenance (``Stage.provenance``)."""
+    return {key: result.info[key] for name, result in ctx.results.items()
+            for key in ctx.request["provenance_keys"].get(name, ()) if key in result.info}
+
+
+def _result(ctx: StageContext, track: _Tracker) -> Result:
+    """The ``Result`` of a job whose stages all ran."""
+    job = ctx.results["Writing results"].data["job"]
+    provenance = job["provenance"]
     provenance["stage_seconds"] = track.seconds  # includes the packaging step itself
-    artifacts = {role: path for result in done for role, path in result.files.items()}
-    artifacts.update(mesh_files, zip=zip_path)
-    images = {"image": loaded.image, **subregions.images, **t2.images}
-    return Result(zip_path, out, pd.DataFrame([metrics]), warnings, provenance, outputs.files,
-                  artifacts, {role: images[role] for role in RESULT_IMAGES if role in images},
-                  quality.info["qc"], visuals.info.get("frame"))
+    artifacts = {role: path for result in ctx.results.values()
+                 for role, path in result.files.items()}
+    artifacts.update(job["mesh_files"], zip=job["zip"])
+    images = {"image": ctx.data("loaded").image}
+    for result in ctx.results.values():
+        images.update(result.images)
+    qc = ctx.results.get("Segmentation QC")
+    return Result(job["zip"], ctx.out_dir, pd.DataFrame([job["metrics"]]), job["warnings"],
+                  provenance, ctx.outputs.files, artifacts,
+                  {role: images[role] for role in RESULT_IMAGES if role in images},
+                  qc.info["qc"] if qc is not None else {},
+                  ctx.results["Writing results"].info.get("frame"))
+
+
+# The stages of a job, in order: adding a stage = a function (its module) and one entry here.
+STAGES: tuple[Stage, ...] = (
+    Stage("Loading input", _load_stage),
+    Stage("Segmentation", _segmentation_stage, _has_labels),
+    Stage("Femoral subregions", _subregions_stage, _has_labels),
+    *(_bone_stage(spec) for spec in thickness.BONES),
+    Stage("Menisci", _menisci_stage, _has_labels, provenance=("menisci",)),
+    Stage("T2 mapping", _t2_stage, provenance=("t2",)),
+    Stage("Shape model", _shape_stage, _has_labels),
+    Stage("Writing results", _write_stage),
+)
 
 
 def _mese_settings(options: Options):
@@ -326,38 +409,11 @@ def _mese_settings(options: Options):
     return FitSettings(echoes=options.mese_echoes)
 
 
-def _t2_text(t2: StageResult) -> dict[str, str]:
+def _t2_text(done: list[StageResult]) -> dict[str, str]:
     """The results' non-numeric columns: ``t2_method`` (mese | qdess) when T2 was computed.
     Kept out of the metrics table, which stays numeric (tables, snapshot, changes)."""
-    method = t2.info.get("t2", {}).get("t2_method")
+    method = next((r.info["t2"].get("t2_method") for r in done if "t2" in r.info), None)
     return {"t2_method": method} if method else {}
-
-
-def _t2_maps_only(loaded, options: Options, outputs: Outputs, track: _Tracker,
-                  done: list[StageResult], started: datetime) -> Result:
-    """A MESE with no segmentation and no model: its T2, R² and S0 maps, a note why there
-    are no regional values, the provenance and the zip."""
-    from .t2.stage import stage as t2_stage
-
-    with track.stage("T2 mapping"):
-        t2 = t2_stage(loaded, None, None, [], enabled=options.compute_t2, outputs=outputs,
-                      mese_settings=_mese_settings(options))
-        done.append(t2)
-    with track.stage("Writing results"):
-        warnings = [note for result in done for note in result.notes]
-        outputs.write_metrics({}, text=_t2_text(t2))
-        provenance = package.provenance(
-            loaded, options, model_info=None, seg_source="none", stage_seconds=track.seconds,
-            started=started, warnings=warnings, mesh_index={}, extra=dict(t2.info))
-        outputs.write_json(provenance, f"{loaded.stem}_provenance.json")
-        zip_path = outputs.zip()
-    provenance["stage_seconds"] = track.seconds
-    artifacts = {role: path for result in done for role, path in result.files.items()}
-    artifacts["zip"] = zip_path
-    images = {"image": loaded.image, **t2.images}
-    return Result(zip_path, outputs.folder, pd.DataFrame([{}]), warnings, provenance,
-                  outputs.files, artifacts,
-                  {role: images[role] for role in RESULT_IMAGES if role in images})
 
 
 def _merged_metrics(done: list[StageResult]) -> dict[str, float]:
@@ -416,7 +472,7 @@ def _load_t2_series(loaded, path, options: Options, max_bytes: int, tmp_dir):
     return series
 
 
-def _segmentation(loaded, options: Options, track: _Tracker, *, seg_path, presegmented,
+def _segmentation(loaded, options: Options, progress: SubProgress, *, seg_path, presegmented,
                   segmenter, accelerate, tmp_dir) -> StageResult:
     """The "Segmentation" stage: the uploaded label map, the one made beforehand, or the
     model's (``images["labels"]`` on the input's grid; ``info``: source and model record)."""
@@ -431,7 +487,7 @@ def _segmentation(loaded, options: Options, track: _Tracker, *, seg_path, preseg
             segment_fn = _segment_with_model
             if accelerate is not None:
                 segment_fn = accelerate("segmentation", segment_fn)
-            seg, model_info = segment_fn(loaded, options, track, segmenter)
+            seg, model_info = segment_fn(loaded, options, progress, segmenter)
         out = StageResult(notes=list(model_info.get("warnings", [])), images={"labels": seg},
                           info={"source": "model", "model": model_info})
     _check_bones_present(seg)
@@ -459,7 +515,7 @@ def segment_input(
     """Load an input and segment it with ``options.model`` (on ``segmenter``, else on one made
     and freed for this call): the accelerator-bound half of a model run, for callers that schedule
     it apart from the rest (``run(presegmented=...)``)."""
-    track = _Tracker(progress)
+    track = _Tracker(progress, [stage.name for stage in STAGES])
     started = datetime.now(timezone.utc).isoformat()
     t0 = time.perf_counter()
     with scratch.folder(tmp_dir) as job_tmp:
@@ -467,11 +523,12 @@ def segment_input(
             loaded = load_input(input_path, options, echo2_path, qdess_params_path,
                                 tmp_dir=job_tmp).data["loaded"]
         with track.stage("Segmentation"):
-            seg, info = _segment_with_model(loaded, options, track, segmenter)
+            seg, info = _segment_with_model(loaded, options, partial(track.sub, "Segmentation"),
+                                            segmenter)
     return Presegmented(seg, info, round(time.perf_counter() - t0, 3), started)
 
 
-def _segment_with_model(loaded, options: Options, track: _Tracker, segmenter=None):
+def _segment_with_model(loaded, options: Options, progress: SubProgress, segmenter=None):
     from .segment import Segmenter  # imports torch/nnunetv2 when a model is used
 
     own = segmenter is None
@@ -479,8 +536,7 @@ def _segment_with_model(loaded, options: Options, track: _Tracker, segmenter=Non
     try:
         return segmenter(
             loaded, options.model, device=options.device, use_mirroring=options.tta,
-            progress=lambda done, total, detail="": track.sub("Segmentation", done, total,
-                                                                detail),
+            progress=progress,
         )
     finally:
         if own:  # nobody keeps it: free the model now

@@ -1,7 +1,10 @@
-"""What every stage returns: one ``StageResult``; only ``run()`` merges them."""
+"""The stage contract: every stage of ``run()`` is a ``Stage`` called with a ``StageContext``
+and returns one ``StageResult``; only ``run()`` merges them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,3 +27,53 @@ class StageResult:
     images: dict[str, Any] = field(default_factory=dict)  # role -> SimpleITK image
     data: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """What every stage is given: the job's input and options, where it writes (``outputs``,
+    set once the input is loaded; ``tmp_dir``, its scratch folder), progress within the stage,
+    and the results of the stages before it (by stage name, in stage order).
+
+    ``request`` holds the other inputs of ``run()`` (segmentation upload, second echo, T2
+    series, a segmentation made beforehand, the kept model, the accelerator wrapper);
+    ``cleanup`` takes contexts later stages still use (e.g. the bone-surface workers), closed
+    when the job ends however it ends.
+    """
+
+    input_path: Path
+    options: Any  # run.Options
+    out_dir: Path
+    tmp_dir: Path
+    request: dict[str, Any]
+    cleanup: ExitStack
+    progress: Callable[[int, int, str], None] = lambda done, total, detail="": None
+    outputs: Any = None  # package.Outputs
+    results: dict[str, StageResult] = field(default_factory=dict)
+
+    def data(self, key: str, default: Any = None) -> Any:
+        """The latest ``data[key]`` a stage before published (e.g. ``"loaded"``, ``"bones"``)."""
+        for result in reversed(self.results.values()):
+            if key in result.data:
+                return result.data[key]
+        return default
+
+    def image(self, role: str) -> Any:
+        """The latest image a stage before published under ``role``."""
+        for result in reversed(self.results.values()):
+            if role in result.images:
+                return result.images[role]
+        return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of ``run()``: ``name`` is what the progress shows and the seconds are timed
+    under; ``run(ctx)`` returns its ``StageResult`` (None when it had nothing to add);
+    ``applies(ctx)`` False leaves it out of this job (no progress step); ``provenance`` names
+    the records of its ``info`` that go into the job's provenance."""
+
+    name: str
+    run: Callable[[StageContext], StageResult | None]
+    applies: Callable[[StageContext], bool] = field(default=lambda ctx: True)
+    provenance: tuple[str, ...] = ()  # keys of its ``info`` copied into the job's provenance
