@@ -56,7 +56,7 @@ def main() -> None:
 
     from pipeline.dosma2d.keras_h5 import load_keras_h5, predict
     from pipeline.dosma2d.runner import segment_planes
-    from pipeline.models import dosma_folder_planes
+    from pipeline.families.dosma2d import folder_planes as dosma_folder_planes
     from pipeline.synthetic import phantom
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
