@@ -2,6 +2,7 @@
 
     python scripts/train_demo_dosma.py                      # the three shipped planes (~10 min)
     python scripts/train_demo_dosma.py --planes sagittal --steps 50 --out /tmp/demo_dosma
+    python scripts/train_demo_dosma.py --init assets/models/demo_dosma --steps 500  # fine-tune
 
 Each plane model is a small channels-first U-Net written as a Keras ``model_config`` (Conv2D
 with relu inside, MaxPooling2D, Conv2DTranspose 3×3 stride 2 ``same``, Concatenate, a 1×1
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.dosma2d import processing as P
-from pipeline.dosma2d.keras_h5 import build_graph, save_keras_h5
+from pipeline.dosma2d.keras_h5 import build_graph, load_keras_h5, save_keras_h5
 from pipeline.models import DOSMA_FILES
 from pipeline.synthetic import phantom
 
@@ -115,17 +116,22 @@ def plane_slices(specs: list[phantom.PhantomSpec], plane: str, size_hw: tuple[in
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def train_plane(plane: str, steps: int, n_phantoms: int, seed: int, log=print):
-    """Train one plane model; returns (graph, config, validation Dice per label)."""
+def train_plane(plane: str, steps: int, n_phantoms: int, seed: int, log=print,
+                init: Path | None = None, max_lr: float = 3e-3):
+    """Train one plane model (from ``init``'s file of this plane when given); returns (graph,
+    config, validation Dice per label)."""
     size_hw = SIZES[plane]
     config = unet_config(size_hw)
     torch.manual_seed(seed)
-    graph = build_graph(config).train()
-    for op in graph.ops.values():
-        for name in op.weight_names:
-            p = getattr(op, name)
-            if name == "weight":
-                torch.nn.init.kaiming_normal_(p, nonlinearity="relu")
+    if init is not None:
+        graph = load_keras_h5(init / DOSMA_FILES[plane]).train()
+    else:
+        graph = build_graph(config).train()
+        for op in graph.ops.values():
+            for name in op.weight_names:
+                p = getattr(op, name)
+                if name == "weight":
+                    torch.nn.init.kaiming_normal_(p, nonlinearity="relu")
     x, y = plane_slices(phantom_specs(n_phantoms, seed), plane, size_hw)
     vx, vy = plane_slices(phantom_specs(2, seed + 1000), plane, size_hw)
     keep = (y > 0).reshape(len(y), -1).any(1)  # slices with anatomy, plus a few empty ones
@@ -134,8 +140,8 @@ def train_plane(plane: str, steps: int, n_phantoms: int, seed: int, log=print):
     counts = torch.bincount(y.flatten(), minlength=N_CLASSES).double()
     weights = (counts.sum() / (counts + 1)).pow(0.5).float()  # rarer classes weigh more
     weights /= weights.mean()
-    opt = torch.optim.Adam(graph.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    opt = torch.optim.Adam(graph.parameters(), lr=max_lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps)
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     for step in range(steps):
@@ -170,19 +176,26 @@ def main() -> None:
     parser.add_argument("--phantoms", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--init", type=Path, help="fine-tune the plane files of this folder")
+    parser.add_argument("--max-lr", type=float, default=3e-3)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
     report = {}
     for plane in args.planes:
-        graph, config, dice = train_plane(plane, args.steps, args.phantoms, args.seed)
+        graph, config, dice = train_plane(plane, args.steps, args.phantoms, args.seed,
+                                          init=args.init, max_lr=args.max_lr)
         path = args.out / DOSMA_FILES[plane]
         save_keras_h5(graph, config, path)
         report[plane] = {"file": path.name, "input": list(SIZES[plane]),
                          "parameters": graph.n_parameters(), "validation_dice": dice}
         print(plane, json.dumps(report[plane]), flush=True)
-    (args.out / "training.json").write_text(json.dumps(
-        {"steps": args.steps, "phantoms": args.phantoms, "seed": args.seed, **report}, indent=1))
+    record = {"steps": args.steps, "phantoms": args.phantoms, "seed": args.seed, **report}
+    if args.init is not None:  # what it was fine-tuned from, as that run recorded it
+        before = args.init / "training.json"
+        record["init"] = json.loads(before.read_text()) if before.is_file() else str(args.init)
+        record["max_lr"] = args.max_lr
+    (args.out / "training.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
