@@ -29,7 +29,7 @@ import pipeline
 from pipeline.defaults import mb_to_bytes
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.inputs import check_format
-from pipeline.run import NSM_CHOICES, Result, Step
+from pipeline.run import NSM_CHOICES, NSM_TITLES, Result, Step
 
 from . import jobs, system, tables, visuals
 from . import viewers as result_viewers
@@ -53,9 +53,7 @@ from .worker import Failure, JobSpec
 
 log = logging.getLogger(__name__)
 
-NSM_LABELS: list[tuple[str, str]] = [
-    ("none", "none"), ("bone + cartilage", "bone_cart"), ("bone only", "bone"), ("both", "both"),
-]
+NSM_LABELS: list[tuple[str, str]] = [(NSM_TITLES[c], c) for c in NSM_CHOICES]
 N_BASE_OUTPUTS = 8
 POLL_S = 1.0  # a following handler yields at least this often, so a closed client frees it
 

@@ -36,13 +36,16 @@ NSM_VARIANTS: dict[str, tuple[str, ...]] = {
     "both": ("bone_cartilage", "bone_only"),
 }
 NSM_CHOICES = tuple(NSM_VARIANTS)
+# How a page names each choice.
+NSM_TITLES: dict[str, str] = {"none": "none", "bone_cart": "bone + cartilage",
+                              "bone": "bone only", "both": "both"}
 
 
 @dataclass
 class Options:
     """Every option of a job (all recorded in the provenance)."""
 
-    model: str | None = None  # registry name or local nnU-Net model folder
+    model: str | None = None  # registry name, or a local model of any family (folder or file)
     cart_smooth_var: float = CART_SMOOTH_VAR_MM2
     compute_t2: bool = True
     nsm: str = "none"
