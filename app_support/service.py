@@ -31,9 +31,10 @@ from pipeline.errors import ErrorCode, PipelineError
 from pipeline.inputs import check_format
 from pipeline.run import NSM_CHOICES, NSM_TITLES, Result, Step
 
-from . import jobs, system, tables, visuals
+from . import system, tables, uploads, visuals
 from . import viewers as result_viewers
 from .config import Settings
+from .executor import make_runner
 from .job_files import JobFiles, stray_folders
 from .manager import Job, JobManager, about, new_job_id, ordinal
 from .records import (
@@ -46,7 +47,6 @@ from .records import (
     table_frame,
     table_record,
 )
-from .runner import make_runner
 from .stats import UserHasher, footer_markdown, salt_file_of
 from .store import JobStore, utc_iso
 from .worker import Failure, JobSpec
@@ -69,8 +69,8 @@ class AnalysisService:
         # A corrupt or foreign store refuses the start (JOB_STORE_INVALID) before anything runs.
         self.store = JobStore(settings.jobs_db, lease_s=settings.job_lease_s)
         self.user_hash = UserHasher(salt_file_of(settings.jobs_db), settings.stats_salt)
-        self.uploads = jobs.UploadRefs(settings.gradio_temp_dir, protected_files or [])
-        self._leases: dict[str, jobs.Lease] = {}  # page jobs' uploads, kept for a retry
+        self.uploads = uploads.UploadRefs(settings.gradio_temp_dir, protected_files or [])
+        self._leases: dict[str, uploads.Lease] = {}  # page jobs' uploads, kept for a retry
         self.runner = make_runner(settings.zero_gpu, settings.gpu_duration_s,
                                   settings.dask_scheduler, settings.dask_max_jobs)
         self.cluster = settings.dask_scheduler is not None
@@ -91,7 +91,7 @@ class AnalysisService:
         # Published files a page may never request (e.g. a bone's GLB nobody selected): handed
         # to Gradio's cache expiry with the files it serves (see ``attach``).
         self.published: set[str] = set()
-        self._sweeper = jobs.Sweeper(self._sweep, settings.sweep_interval_s)
+        self._sweeper = uploads.Sweeper(self._sweep, settings.sweep_interval_s)
 
     def attach(self, demo: gr.Blocks) -> None:
         """Let upload deletion see the events waiting in Gradio's queue."""
@@ -205,7 +205,7 @@ class AnalysisService:
         """The manager's work for one job: the pipeline in the worker, the zip into the job's
         folder, then the outcome (and the page's viewers)."""
         files = JobFiles(self.settings.results_dir, job.id)
-        with jobs.job_folder(self.settings.work_dir, prefix=scratch_prefix(job.id)) as folder:
+        with uploads.job_folder(self.settings.work_dir, prefix=scratch_prefix(job.id)) as folder:
             out_dir, tmp_dir = folder / "out", folder / "tmp"
             out_dir.mkdir()
             tmp_dir.mkdir()
@@ -239,7 +239,7 @@ class AnalysisService:
             if req.page:
                 # Before the folder goes: pictures and GLBs move to a folder of Gradio's cache;
                 # the slice viewer's arrays come from the result's images.
-                shown = Path(tempfile.mkdtemp(prefix=jobs.RESULT_PREFIX,
+                shown = Path(tempfile.mkdtemp(prefix=uploads.RESULT_PREFIX,
                                               dir=self.settings.gradio_temp_dir))
                 vis = visuals.collect(result, shown, max_voxels=self.settings.viewer_max_voxels)
                 self.published.update(os.fspath(p) for p in shown.iterdir())
@@ -259,7 +259,7 @@ class AnalysisService:
 
     def _retain(self, result: Result) -> str | None:
         try:
-            return jobs.retain_derived(
+            return uploads.retain_derived(
                 result.files, result.provenance.get("input", {}).get("stem", ""),
                 self.settings.retain_dir, pipeline.__version__)
         except OSError:
@@ -457,7 +457,7 @@ class AnalysisService:
 
     def _sweep(self) -> None:
         self.uploads.sweep_orphans(self.settings.orphan_upload_s)
-        jobs.sweep_result_dirs(self.settings.gradio_temp_dir, self.settings.result_ttl_s)
+        uploads.sweep_result_dirs(self.settings.gradio_temp_dir, self.settings.result_ttl_s)
         self._expire()
 
     # ------------------------------------------------------------------ status endpoints

@@ -6,7 +6,7 @@
 
 Segments a synthetic knee phantom (by default on the OAI DESS grid, 384×384×160 at
 0.365×0.365×0.7 mm) with every plane model in ``--models`` (a folder with the published file
-names, e.g. ``assets/models/demo_dosma`` or the Hub files) through ``pipeline.dosma2d.runner``,
+names, e.g. ``assets/models/demo_dosma`` or the Hub files) through ``pipeline.dosma2d.planes``,
 the app's code path: per plane the preprocessing (reformat, resize, whitening), the network
 (slice batches, argmax on the device) and the postprocessing, then STAPLE when all three planes
 are there. The network cost follows the model's width and input size, not the phantom: the demo
@@ -55,7 +55,7 @@ def main() -> None:
     import torch
 
     from pipeline.dosma2d.keras_h5 import load_keras_h5, predict
-    from pipeline.dosma2d.runner import segment_planes
+    from pipeline.dosma2d.planes import segment_planes
     from pipeline.families.dosma2d import folder_planes as dosma_folder_planes
     from pipeline.synthetic import phantom
 

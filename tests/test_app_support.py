@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from conftest import FakeRunner, isolate_app_env
 
-from app_support import jobs, tables
+from app_support import tables, uploads
 from app_support.config import Settings
 from pipeline.errors import ErrorCode, PipelineError
 from pipeline.labels import REGION_KEYS, T2_REGION_KEYS
@@ -99,7 +99,7 @@ def _upload(root: Path, name: str, data: bytes = b"pixels") -> Path:
 
 
 def test_shared_upload_deleted_only_by_last_holder(tmp_path: Path) -> None:
-    refs = jobs.UploadRefs(tmp_path)
+    refs = uploads.UploadRefs(tmp_path)
     f = _upload(tmp_path, "knee.nii.gz")
     a, b = refs.acquire([f, None]), refs.acquire([f])
     assert refs.count(f) == 2
@@ -111,7 +111,7 @@ def test_shared_upload_deleted_only_by_last_holder(tmp_path: Path) -> None:
 def test_upload_kept_while_a_queued_job_names_it(tmp_path: Path) -> None:
     f = _upload(tmp_path, "knee.nii.gz")
     waiting = {os.path.realpath(f)}
-    refs = jobs.UploadRefs(tmp_path, still_queued=lambda p: p in waiting)
+    refs = uploads.UploadRefs(tmp_path, still_queued=lambda p: p in waiting)
     refs.release(refs.acquire([f]))
     assert f.exists()
     waiting.clear()
@@ -120,7 +120,7 @@ def test_upload_kept_while_a_queued_job_names_it(tmp_path: Path) -> None:
 
 
 def test_upload_replaced_by_new_upload_is_kept(tmp_path: Path) -> None:
-    refs = jobs.UploadRefs(tmp_path)
+    refs = uploads.UploadRefs(tmp_path)
     f = _upload(tmp_path, "knee.nii.gz")
     lease = refs.acquire([f])
     tmp = tmp_path / "incoming"
@@ -135,7 +135,7 @@ def test_protected_and_outside_files_never_deleted(tmp_path: Path) -> None:
     example = tmp_path / "assets" / "example.nii.gz"
     example.parent.mkdir()
     example.write_bytes(b"example bytes")
-    refs = jobs.UploadRefs(cache, protected=[example])
+    refs = uploads.UploadRefs(cache, protected=[example])
     cached_copy = _upload(cache, "example.nii.gz", b"example bytes")
     refs.release(refs.acquire([cached_copy, example]))
     assert cached_copy.exists() and example.exists()
@@ -145,7 +145,7 @@ def test_queue_errors_keep_the_file(tmp_path: Path) -> None:
     def broken(_: str) -> bool:
         raise AttributeError("gradio internals changed")
 
-    refs = jobs.UploadRefs(tmp_path, still_queued=broken)
+    refs = uploads.UploadRefs(tmp_path, still_queued=broken)
     f = _upload(tmp_path, "knee.nii.gz")
     refs.release(refs.acquire([f]))
     assert f.exists()
@@ -155,7 +155,7 @@ def test_queue_errors_keep_the_file(tmp_path: Path) -> None:
 
 
 def test_job_folder_removed_even_on_error(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError), jobs.job_folder(tmp_path) as d:
+    with pytest.raises(RuntimeError), uploads.job_folder(tmp_path) as d:
         (d / "x_t2map.nii.gz").write_bytes(b"1")
         raise RuntimeError
     assert list(tmp_path.iterdir()) == []
@@ -168,13 +168,13 @@ def test_job_folder_removed_even_on_error(tmp_path: Path) -> None:
     ("jdoe.nii.gz", False), ("jdoe_image.nrrd", False), ("notes.txt", False),
 ])
 def test_is_retainable(name: str, ok: bool) -> None:
-    assert jobs.is_retainable(name, "jdoe") is ok
+    assert uploads.is_retainable(name, "jdoe") is ok
 
 
 def test_retainable_judged_without_the_stem() -> None:
     # A stem containing 't2' or 'image' must not hide derived files (or let images through).
-    assert jobs.is_retainable("t2_image_all-labels.nii.gz", "t2_image")
-    assert not jobs.is_retainable("labels_t2map.nii.gz", "labels")
+    assert uploads.is_retainable("t2_image_all-labels.nii.gz", "t2_image")
+    assert not uploads.is_retainable("labels_t2map.nii.gz", "labels")
 
 
 def test_retain_derived_scrubs_the_name(tmp_path: Path) -> None:
@@ -189,20 +189,20 @@ def test_retain_derived_scrubs_the_name(tmp_path: Path) -> None:
     prov = {"input": {"stem": stem}, "warnings": [f"{stem}.nii.gz: odd spacing"], "n": 1}
     (out / f"{stem}_provenance.json").write_text(json.dumps(prov))
     files.append(out / f"{stem}_provenance.json")
-    rid = jobs.retain_derived(files, stem, tmp_path / "keep", "9.9")
+    rid = uploads.retain_derived(files, stem, tmp_path / "keep", "9.9")
     kept = sorted(p.name for p in (tmp_path / "keep" / rid).iterdir())
     assert kept == ["femur_mesh.vtk", "knee_all-labels.nii.gz", "knee_provenance.json",
                     "retention.json"]
     text = (tmp_path / "keep" / rid / "knee_provenance.json").read_text()
     assert "John" not in text and json.loads(text)["input"]["stem"] == "knee"
-    assert jobs.retain_derived([out / f"{stem}_t2map.nii.gz"], stem, tmp_path / "k2") is None
+    assert uploads.retain_derived([out / f"{stem}_t2map.nii.gz"], stem, tmp_path / "k2") is None
 
 
 # ---------------------------------------------------------------- uploads: sessions, orphans
 
 
 def test_failed_job_keeps_uploads_then_sweep_deletes_them(tmp_path: Path) -> None:
-    refs = jobs.UploadRefs(tmp_path)
+    refs = uploads.UploadRefs(tmp_path)
     f = _upload(tmp_path, "knee.nii.gz")
     assert refs.release(refs.acquire([f]), delete=False) == [] and f.exists()
     assert refs.sweep_orphans(60) == [] and f.exists()  # just used: kept for a retry
@@ -216,10 +216,10 @@ def test_orphan_sweep_spares_held_protected_and_result_files(tmp_path: Path) -> 
     example = tmp_path / "example.bin"
     example.write_bytes(b"example bytes")
     cache = tmp_path / "cache"
-    refs = jobs.UploadRefs(cache, protected=[example])
+    refs = uploads.UploadRefs(cache, protected=[example])
     held, copy, orphan = (_upload(cache, n, d) for n, d in (
         ("held.nii.gz", b"a"), ("ex.nii.gz", b"example bytes"), ("old.nrrd", b"b")))
-    result = cache / (jobs.RESULT_PREFIX + "x") / "r_results.zip"
+    result = cache / (uploads.RESULT_PREFIX + "x") / "r_results.zip"
     result.parent.mkdir()
     result.write_bytes(b"zip")
     past = time.time() - 7200
@@ -232,7 +232,7 @@ def test_orphan_sweep_spares_held_protected_and_result_files(tmp_path: Path) -> 
 
 
 def test_closed_session_deletes_its_unheld_uploads(tmp_path: Path) -> None:
-    refs = jobs.UploadRefs(tmp_path)
+    refs = uploads.UploadRefs(tmp_path)
     mine, running, other = (_upload(tmp_path, n) for n in ("a.nii", "b.nii", "c.nii"))
     refs.register([mine, running, None], "s1")
     refs.register([other], "s2")
@@ -287,7 +287,7 @@ def test_run_spec_routes_temp_files_and_never_raises(monkeypatch, tmp_path: Path
 
 def test_accelerate_wraps_segmentation_inference(tmp_path: Path) -> None:
     """ZeroGPU's hook sees the segmentation call (with the loaded image, for its duration)."""
-    from app_support import runner
+    from app_support import executor as runner
     from pipeline.run import Options, run
 
     calls = []
@@ -307,7 +307,8 @@ def test_accelerate_wraps_segmentation_inference(tmp_path: Path) -> None:
 
 
 def test_runner_is_the_worker_process_except_on_zero_gpu() -> None:
-    from app_support import runner, worker
+    from app_support import executor as runner
+    from app_support import worker
 
     assert isinstance(runner.make_runner(False, 60), worker.WorkerProcess)
     assert isinstance(runner.make_runner(True, 60), runner.InProcessRunner)

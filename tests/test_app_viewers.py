@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from conftest import FakeRunner, isolate_app_env
 from PIL import Image
 
-from app_support import jobs, slices, viewers, visuals
+from app_support import slices, uploads, viewers, visuals
 from app_support.config import Settings
 from pipeline import geometry, viz
 from pipeline import labels as L
@@ -242,13 +242,13 @@ def test_viewer_events(volumes: slices.SliceVolumes) -> None:
 
 
 def test_sweep_result_dirs_expires_old_files(tmp_path: Path) -> None:
-    old, new = tmp_path / (jobs.RESULT_PREFIX + "a"), tmp_path / (jobs.RESULT_PREFIX + "b")
+    old, new = tmp_path / (uploads.RESULT_PREFIX + "a"), tmp_path / (uploads.RESULT_PREFIX + "b")
     for d in (old, new):
         d.mkdir()
         (d / "x.glb").write_bytes(b"g")
     past = time.time() - 7200
     os.utime(old / "x.glb", (past, past))
-    jobs.sweep_result_dirs(tmp_path, max_age_s=3600)
+    uploads.sweep_result_dirs(tmp_path, max_age_s=3600)
     assert not old.exists() and (new / "x.glb").exists()
 
 

@@ -130,7 +130,7 @@ class Dosma2DPredictor:
 
     def segment(self, image: sitk.Image, *, use_mirroring: bool, progress: ProgressFn | None
                 ) -> tuple[sitk.Image, dict[str, float], list[str], dict[str, Any]]:
-        from ..dosma2d.runner import segment_planes
+        from ..dosma2d.planes import segment_planes
 
         graphs = {stage.configuration: graph
                   for stage, graph in zip(self.resolved.stages, self.parts, strict=True)}
