@@ -27,6 +27,7 @@ from . import scratch
 from .quiet import silenced
 from .stage import StageResult
 from .thickness import REGION_ARRAY, THICKNESS_ARRAY, BoneResult, make_surface
+from .versions import versions
 
 EXTRUSION_BAND = 0.1  # pymskt's middle_percentile_range: central 10 % of the AP extent
 RAY_LENGTH_MM = 10.0  # pymskt's ray_cast_length for coverage
@@ -176,8 +177,6 @@ def stage(seg_c: sitk.Image, bones: list[BoneResult], outputs, *, smooth_var: fl
     """The "Menisci" stage: volumes, extrusion and coverage per side (metrics), the meniscus
     surfaces (``{stem}_{side}_meniscus.vtk``) and ``menisci_coverage.glb``; a missing meniscus
     or tibial cartilage is a note, never a failure."""
-    from . import package
-
     meshes, volumes, notes = meniscus_meshes(seg_c, smooth_var=smooth_var, tmp_dir=tmp_dir)
     tibia = next((b for b in bones if b.spec.name == "tibia"), None)
     measured, tib, more = measure(tibia, meshes)
@@ -194,7 +193,7 @@ def stage(seg_c: sitk.Image, bones: list[BoneResult], outputs, *, smooth_var: fl
             out.notes.append(f"visual output '{GLB_NAME}' not written: "
                              f"{type(exc).__name__}: {exc}")
     out.info = {"menisci": {
-        "pymskt": package.versions(("mskt",)).get("mskt"),
+        "pymskt": versions(("mskt",)).get("mskt"),
         "function": "pymskt.mesh.mesh_meniscus.analyze_meniscal_metrics",
         "extrusion_band": EXTRUSION_BAND, "ray_cast_length_mm": RAY_LENGTH_MM,
         "min_meniscus_mm3": MIN_MENISCUS_MM3, "sides_measured": sorted(measured),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import zipfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from . import __version__
+from .versions import library_versions
 
 
 @dataclass
@@ -94,26 +94,6 @@ def write_meshes(outputs: Outputs, bone_results: list) -> tuple[dict[str, int], 
             outputs.write_mesh(mesh, name)
             index[name] = int(label)
     return index, bones
-
-
-def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
-    """Python and the installed versions of the libraries that shape the results (+ ``extra``)."""
-    return {"python": platform.python_version(),
-            **versions(("SimpleITK", "mskt", "numpy", "vtk", "pyvista", "pydicom", "nnunetv2",
-                        "torch", *extra))}
-
-
-def versions(dists: tuple[str, ...]) -> dict[str, str]:
-    """Installed version of each distribution in ``dists`` (those not installed left out)."""
-    from importlib import metadata
-
-    out = {}
-    for dist in dists:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def provenance(loaded, options, *, model_info: dict | None, seg_source: str,

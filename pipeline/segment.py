@@ -31,8 +31,8 @@ from .errors import ErrorCode, PipelineError
 from .families import Predictor
 from .families.nnunet import predictor_class as _predictor_class  # noqa: F401 (tests spy on it)
 from .inputs import LoadedImage
-from .package import versions
 from .process import configure, torch_device, torch_threads
+from .versions import versions
 
 ProgressFn = Callable[..., None]  # progress(done, total, detail="")
 

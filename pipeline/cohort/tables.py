@@ -88,7 +88,7 @@ def write_tables(out: Path, cases: list[Case], records: list[dict], options, run
 
 
 def _provenance(records: list[dict], options, run, started: datetime) -> dict:
-    from ..package import library_versions
+    from ..versions import library_versions
 
     libraries = library_versions(extra=("dask", "distributed"))
     computed = [r for r in records if r.get("status") == "done"]
