@@ -1,9 +1,10 @@
 """Pictures and 3-D files of a knee: thickness-coloured GLBs, slice rendering, flattened
 thickness maps, colour legends and a segmentation QC summary.
 
-``write_visuals`` is what the pipeline calls after meshing; the app uses ``render_slice`` /
-``label_legend`` for its slice viewer. Fixed colour scales (``colors``): thickness viridis
-0–4 mm (clipped) with grey #B4B4B4 where there is no cartilage; T2 plasma 0–80 ms.
+``stage`` (``write_visuals`` as a stage) and ``qc_stage`` are what ``run()`` calls; the app
+uses ``render_slice`` / ``label_legend`` for its slice viewer. Fixed colour scales
+(``colors``): thickness viridis 0–4 mm (clipped) with grey #B4B4B4 where there is no
+cartilage; T2 plasma 0–80 ms.
 """
 
 from __future__ import annotations
