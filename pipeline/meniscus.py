@@ -35,6 +35,10 @@ RAY_LENGTH_MM = 10.0  # pymskt's ray_cast_length for coverage
 # is a voxel count (1,000), which would drop a real meniscus on a coarse grid; this is a volume.
 MIN_MENISCUS_MM3 = 100.0
 GLB_NAME = "menisci_coverage.glb"
+# Our measure (``labels.MENISCUS_MEASURES``) -> the suffix of pymskt's key after "medial_" /
+# "lateral_" (the volume is ours: voxels).
+PYMSKT_KEYS = {"men_extrusion_mm": "extrusion_mm", "men_coverage_pct": "coverage_percent",
+               "men_covered_area_mm2": "covered_area_mm2", "tib_cart_area_mm2": "total_area_mm2"}
 COVERED_TINT = 0.55  # how far a covered cartilage vertex is blended toward its meniscus colour
 
 
@@ -77,10 +81,9 @@ def meniscus_meshes(seg_c: sitk.Image, *, smooth_var: float, tmp_dir: Path | Non
 
 def measure(tibia: BoneResult | None, meshes: dict[str, Any]) -> tuple[dict[str, dict], Any,
                                                                       list[str]]:
-    """pymskt's extrusion and coverage per side present (side → pymskt's values), the tibia
-    copy it measured on (carrying its ``{side}_men_above`` arrays), and notes."""
-    from pymskt.mesh.mesh_meniscus import analyze_meniscal_metrics
-
+    """pymskt's extrusion and coverage per side present (side → {measure: value}, measures as in
+    ``PYMSKT_KEYS``), the tibia copy it measured on (carrying its ``{side}_men_above`` arrays),
+    and notes."""
     if not meshes:
         return {}, None, []
     if tibia is None:
@@ -100,10 +103,7 @@ def measure(tibia: BoneResult | None, meshes: dict[str, Any]) -> tuple[dict[str,
     men = {side: mesh.copy(deep=True) for side, mesh in meshes.items()}
     with silenced():
         try:
-            found = analyze_meniscal_metrics(
-                tib, men.get("med"), men.get("lat"), L.MED_TIB_CART, L.LAT_TIB_CART,
-                scalar_array_name=REGION_ARRAY, middle_percentile_range=EXTRUSION_BAND,
-                ray_cast_length=RAY_LENGTH_MM)
+            found = _analyze(tib, men.get("med"), men.get("lat"))
         except ValueError:
             # pymskt fails on a side where no cartilage vertex is covered (it cuts the covered
             # part out of the cartilage and pyvista refuses the empty mesh): measure the sides
@@ -120,24 +120,29 @@ def measure(tibia: BoneResult | None, meshes: dict[str, Any]) -> tuple[dict[str,
             notes.append(f"the {name} meniscus does not reach the central 10 % of the tibial "
                          "cartilage's anterior-posterior extent: no extrusion or coverage.")
             continue
-        per_side[side] = {"extrusion": extrusion,
-                          "coverage": found[f"{name}_coverage_percent"],
-                          "covered": found[f"{name}_covered_area_mm2"],
-                          "area": found[f"{name}_total_area_mm2"]}
+        per_side[side] = {ours: float(found[f"{name}_{theirs}"])
+                          for ours, theirs in PYMSKT_KEYS.items()}
     return per_side, tib, notes
+
+
+def _analyze(tib, med, lat) -> dict[str, Any]:
+    """pymskt's ``analyze_meniscal_metrics`` with our labels and its default band and rays."""
+    from pymskt.mesh.mesh_meniscus import analyze_meniscal_metrics
+
+    return analyze_meniscal_metrics(tib, med, lat, L.MED_TIB_CART, L.LAT_TIB_CART,
+                                    scalar_array_name=REGION_ARRAY,
+                                    middle_percentile_range=EXTRUSION_BAND,
+                                    ray_cast_length=RAY_LENGTH_MM)
 
 
 def _one_side(tib, men: dict[str, Any], side: str) -> dict[str, float]:
     """pymskt's values for one side alone (its axes do not depend on the menisci given)."""
-    from pymskt.mesh.mesh_meniscus import analyze_meniscal_metrics, compute_meniscal_extrusion
+    from pymskt.mesh.mesh_meniscus import compute_meniscal_extrusion
 
     name, cart = L.MENISCUS_SIDES[side][2], L.MENISCUS_SIDES[side][1]
     given = {"med": None, "lat": None, side: men[side]}
     try:
-        return analyze_meniscal_metrics(
-            tib, given["med"], given["lat"], L.MED_TIB_CART, L.LAT_TIB_CART,
-            scalar_array_name=REGION_ARRAY, middle_percentile_range=EXTRUSION_BAND,
-            ray_cast_length=RAY_LENGTH_MM)
+        return _analyze(tib, given["med"], given["lat"])
     except ValueError:
         covered = np.asarray(tib.point_data.get(f"{side}_men_above", []))
         if covered.size and np.any(covered[np.asarray(tib.point_data[REGION_ARRAY]) == cart]):
@@ -163,12 +168,8 @@ def metrics_of(volumes: dict[str, float], measured: dict[str, dict]) -> dict[str
     for side in L.MENISCUS_SIDES:
         if side in volumes:
             out[L.meniscus_key(side, "men_volume_mm3")] = volumes[side]
-        if side in measured:
-            m = measured[side]
-            out[L.meniscus_key(side, "men_extrusion_mm")] = float(m["extrusion"])
-            out[L.meniscus_key(side, "men_coverage_pct")] = float(m["coverage"])
-            out[L.meniscus_key(side, "men_covered_area_mm2")] = float(m["covered"])
-            out[L.meniscus_key(side, "tib_cart_area_mm2")] = float(m["area"])
+        for measure, value in measured.get(side, {}).items():
+            out[L.meniscus_key(side, measure)] = value
     return out
 
 
