@@ -19,13 +19,13 @@ from pathlib import Path
 from . import assets
 from . import labels as L
 from .errors import ErrorCode, PipelineError
-from .families import FAMILIES, ModelSpec, ResolvedModel, Stage, family_of
+from .families import FAMILIES, ModelSpec, ResolvedModel, family_of
 from .families.dosma2d import DOSMA_FILES, DOSMA_GOYAL2024_FILE, ENV_DOSMA_DIR, Dosma2DSpec
 from .families.label_names import canonical_label, map_label_names
 from .families.nnunet import NnUNetSpec
 
 __all__ = ["DEFAULT_MODEL", "DOSMA_FILES", "ENV_DOSMA_DIR", "ENV_MODEL_DIR", "REGISTRY",
-           "ModelSpec", "ResolvedModel", "Stage", "available_models", "canonical_label",
+           "ModelSpec", "ResolvedModel", "available_models", "canonical_label",
            "get_spec", "is_available", "map_label_names", "model_status", "preload_from_hub",
            "resolve", "spec_from_path"]
 

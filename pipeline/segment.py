@@ -29,7 +29,6 @@ from . import labels as L
 from . import models
 from .errors import ErrorCode, PipelineError
 from .families import Predictor
-from .families.nnunet import predictor_class as _predictor_class  # noqa: F401 (tests spy on it)
 from .inputs import LoadedImage
 from .process import configure, torch_device, torch_threads
 from .versions import versions
@@ -140,7 +139,7 @@ class Segmenter:
     @property
     def predictors(self) -> list:
         """The loaded model's networks (e.g. one nnU-Net predictor per stage)."""
-        return [] if self._state is None else list(self._state.predictor.parts)
+        return [] if self._state is None else list(self._state.predictor.networks)
 
     # ------------------------------------------------------------ running
 

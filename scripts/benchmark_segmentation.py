@@ -177,7 +177,7 @@ def describe_model(model: str) -> list[dict]:
 
     resolved = models.resolve(model, download=False)
     out = []
-    for stage in resolved.stages:
+    for stage in resolved.parts:
         cm = PlansManager(str(stage.folder / "plans.json")).get_configuration(stage.configuration)
         arch = cm.network_arch_init_kwargs
         ckpt = stage.folder / f"fold_{resolved.spec.fold}" / resolved.spec.checkpoint

@@ -88,7 +88,7 @@ def test_weights_from_hub_cache_env_folder_or_path(tmp_path, monkeypatch):
     _published_folder(repo / "snapshots" / COMMIT)
     assert models.is_available(staple, cache_dir=cache)
     resolved = models.resolve("goyal_staple", cache_dir=cache)
-    assert [s.configuration for s in resolved.stages] == ["sagittal", "coronal", "axial"]
+    assert [s.configuration for s in resolved.parts] == ["sagittal", "coronal", "axial"]
     info = resolved.info()
     assert info["commit"] == COMMIT and info["fusion"] == "SimpleITK MultiLabelSTAPLE"
     assert info["label_map"] == {str(v): v for v in range(10)}
@@ -97,7 +97,7 @@ def test_weights_from_hub_cache_env_folder_or_path(tmp_path, monkeypatch):
     local = _published_folder(tmp_path / "local", planes=("coronal",))
     monkeypatch.setenv(models.ENV_DOSMA_DIR, str(local))
     resolved = models.resolve("goyal_coronal", cache_dir=tmp_path / "empty")
-    assert resolved.stages[0].folder == local / "coronal_best_model.h5"
+    assert resolved.parts[0].folder == local / "coronal_best_model.h5"
     assert resolved.info()["path"] == str(local)
     assert models.is_available(models.REGISTRY["goyal_coronal"], cache_dir=tmp_path / "empty")
     assert not models.is_available(models.REGISTRY["goyal_axial"], cache_dir=tmp_path / "empty")

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from pipeline import families, models, segment
 from pipeline import labels as L
-from pipeline.families import ModelFamily, ModelSpec, ResolvedModel, Stage
+from pipeline.families import ModelFamily, ModelPart, ModelSpec, ResolvedModel
 from pipeline.inputs import LoadedImage
 from pipeline.run import Options, run
 from pipeline.synthetic import phantom
@@ -43,7 +43,7 @@ class ThresholdSpec(ModelSpec):
 class ThresholdPredictor:
     def __init__(self, spec: ThresholdSpec) -> None:
         self.spec = spec
-        self.parts: list = []
+        self.networks: list = []
 
     def segment(self, image: sitk.Image, *, use_mirroring: bool, progress: Any
                 ) -> tuple[sitk.Image, dict[str, float], list[str], dict[str, Any]]:
@@ -68,7 +68,7 @@ class ThresholdFamily(ModelFamily):
     def resolve(self, spec: ModelSpec, base: Path, commit: str | None) -> ResolvedModel:
         identity = {v: v for v in (0, *L.SEG_LABELS)}
         names = {v: L.LABEL_NAMES.get(v, "background") for v in identity}
-        return ResolvedModel(spec, (Stage("threshold", base),), identity, names, [], commit)
+        return ResolvedModel(spec, (ModelPart("threshold", base),), identity, names, [], commit)
 
     def load(self, resolved: ResolvedModel, device: Any) -> ThresholdPredictor:
         assert isinstance(resolved.spec, ThresholdSpec)

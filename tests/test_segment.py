@@ -19,6 +19,7 @@ import SimpleITK as sitk
 from pipeline import labels as L
 from pipeline import models, process, segment
 from pipeline.errors import ErrorCode, PipelineError
+from pipeline.families import nnunet as nnunet_family
 from pipeline.inputs import LoadedImage
 from pipeline.synthetic import nnunet_tiny as T
 from pipeline.synthetic import phantom
@@ -87,7 +88,7 @@ def test_cascade_output_on_input_grid(tiny, knee):
 
 
 def test_cascade_feeds_first_stage_to_second(tiny, knee, monkeypatch):
-    cls = segment._predictor_class()
+    cls = nnunet_family.predictor_class()
     calls = []
     original = cls.predict_single_npy_array
 
@@ -316,7 +317,7 @@ def test_local_folder_specs(tiny):
     assert stage.configurations == ("3d_lowres", "3d_cascade_fullres")  # picks its first stage
     assert models.spec_from_path(tiny.parent).configurations == dataset.configurations
     resolved = models.resolve(str(tiny))
-    assert [s.folder.name for s in resolved.stages] == [
+    assert [s.folder.name for s in resolved.parts] == [
         f"{T.TRAINER}__{T.PLANS}__3d_lowres", f"{T.TRAINER}__{T.PLANS}__3d_cascade_fullres"]
 
 

@@ -9,10 +9,10 @@ from . import dosma2d, nnunet
 from .base import (
            FAMILIES,
            ModelFamily,
+           ModelPart,
            ModelSpec,
            Predictor,
            ResolvedModel,
-           Stage,
            family_of,
            register,
 )
@@ -21,5 +21,5 @@ from .base import (
 register(dosma2d.Dosma2DFamily())
 register(nnunet.NnUNetFamily())
 
-__all__ = ["FAMILIES", "ModelFamily", "ModelSpec", "Predictor", "ResolvedModel", "Stage",
+__all__ = ["FAMILIES", "ModelFamily", "ModelSpec", "Predictor", "ResolvedModel", "ModelPart",
            "family_of", "register"]

@@ -59,7 +59,9 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class Stage:
+class ModelPart:
+    """One part of a model, run in order: an nnU-Net cascade stage, a DOSMA plane."""
+
     configuration: str  # the part's name (nnU-Net configuration, DOSMA plane, ...)
     folder: Path  # its folder or file on this host
 
@@ -69,7 +71,7 @@ class ResolvedModel:
     """A model whose files are on this host, checked, with its label map."""
 
     spec: ModelSpec
-    stages: tuple[Stage, ...]
+    parts: tuple[ModelPart, ...]
     label_map: dict[int, int]  # model output value -> pipeline label
     label_names: dict[int, str]  # model output value -> the model's name for it
     missing_labels: list[str] = field(default_factory=list)  # pipeline labels it never predicts
@@ -94,7 +96,7 @@ class ResolvedModel:
 class Predictor(Protocol):
     """A loaded model, ready to segment images (kept by a ``Segmenter`` between jobs)."""
 
-    parts: list  # the loaded networks (``Segmenter.predictors``)
+    networks: list  # the loaded networks (``Segmenter.predictors``)
 
     def segment(self, image: sitk.Image, *, use_mirroring: bool, progress: ProgressFn | None
                 ) -> tuple[sitk.Image, dict[str, float], list[str], dict[str, Any]]:

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from .. import assets
 from .. import labels as L
 from ..errors import ErrorCode, PipelineError
-from .base import ModelFamily, ModelSpec, ProgressFn, ResolvedModel, Stage
+from .base import ModelFamily, ModelPart, ModelSpec, ProgressFn, ResolvedModel
 
 ENV_DOSMA_DIR = "KNEE_DOSMA_DIR"
 # The published file of each plane (KneePipeline's config_template.json).
@@ -84,11 +84,11 @@ class Dosma2DFamily(ModelFamily):
 
     def resolve(self, spec: ModelSpec, base: Path, commit: str | None) -> ResolvedModel:
         assert isinstance(spec, Dosma2DSpec)
-        stages = tuple(Stage(p, base / f) for p, f in zip(spec.planes, spec.files, strict=True))
+        parts = tuple(ModelPart(p, base / f) for p, f in zip(spec.planes, spec.files, strict=True))
         identity = {v: v for v in (0, *L.SEG_LABELS)}  # DOSMA's labels are the pipeline's
         names = {v: L.LABEL_NAMES.get(v, "background") for v in identity}
-        return ResolvedModel(spec, stages, identity, names, [], commit,
-                             tuple(s.folder for s in stages))
+        return ResolvedModel(spec, parts, identity, names, [], commit,
+                             tuple(s.folder for s in parts))
 
     def unavailable(self, spec: ModelSpec, reason: str) -> str:
         return (
@@ -103,42 +103,42 @@ class Dosma2DFamily(ModelFamily):
         spec = resolved.spec
         out = {
             "id": spec.id, "name": spec.name, "family": spec.family, "source": spec.source,
-            "demo": spec.demo, "planes": [s.configuration for s in resolved.stages],
-            "files": [s.folder.name for s in resolved.stages],
-            "fusion": "SimpleITK MultiLabelSTAPLE" if len(resolved.stages) > 1 else None,
+            "demo": spec.demo, "planes": [s.configuration for s in resolved.parts],
+            "files": [s.folder.name for s in resolved.parts],
+            "fusion": "SimpleITK MultiLabelSTAPLE" if len(resolved.parts) > 1 else None,
             "label_map": {str(k): v for k, v in sorted(resolved.label_map.items())},
         }
         if spec.repo_id and resolved.commit is not None:
             out.update(repo=spec.repo_id, revision=spec.revision, commit=resolved.commit)
         else:
-            out["path"] = str(resolved.stages[0].folder.parent)
+            out["path"] = str(resolved.parts[0].folder.parent)
         return out
 
     def load(self, resolved: ResolvedModel, device: Any) -> Dosma2DPredictor:
         from ..dosma2d.keras_h5 import load_keras_h5
 
-        graphs = [load_keras_h5(stage.folder, device=device) for stage in resolved.stages]
+        graphs = [load_keras_h5(stage.folder, device=device) for stage in resolved.parts]
         return Dosma2DPredictor(resolved, graphs)
 
 
 class Dosma2DPredictor:
     """The loaded plane networks of one DOSMA model."""
 
-    def __init__(self, resolved: ResolvedModel, parts: list) -> None:
+    def __init__(self, resolved: ResolvedModel, networks: list) -> None:
         self.resolved = resolved
-        self.parts = parts
+        self.networks = networks
 
     def segment(self, image: sitk.Image, *, use_mirroring: bool, progress: ProgressFn | None
                 ) -> tuple[sitk.Image, dict[str, float], list[str], dict[str, Any]]:
         from ..dosma2d.planes import segment_planes
 
         graphs = {stage.configuration: graph
-                  for stage, graph in zip(self.resolved.stages, self.parts, strict=True)}
+                  for stage, graph in zip(self.resolved.parts, self.networks, strict=True)}
         seg, seconds, notes = segment_planes(image, graphs, progress=progress)
         return seg, seconds, notes, {}
 
     def release(self) -> None:
-        self.parts.clear()
+        self.networks.clear()
 
 
 def folder_planes(folder: Path) -> dict[str, str]:

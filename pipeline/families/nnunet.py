@@ -25,7 +25,7 @@ from .. import labels as L
 from ..errors import ErrorCode, PipelineError
 from ..process import configure
 from ..quiet import silenced
-from .base import ModelFamily, ModelSpec, ProgressFn, ResolvedModel, Stage
+from .base import ModelFamily, ModelPart, ModelSpec, ProgressFn, ResolvedModel
 from .label_names import map_label_names
 
 CHECKPOINT_NAMES = ("checkpoint_best.pth", "checkpoint_final.pth")  # preference order
@@ -116,7 +116,7 @@ class NnUNetFamily(ModelFamily):
     def resolve(self, spec: ModelSpec, base: Path, commit: str | None) -> NnUNetResolved:
         assert isinstance(spec, NnUNetSpec)
         pairs = zip(spec.configurations, spec.folder_names(), strict=True)
-        stages = tuple(Stage(cfg, base / folder) for cfg, folder in pairs)
+        stages = tuple(ModelPart(cfg, base / folder) for cfg, folder in pairs)
         plans = [_read_json(s.folder / "plans.json") for s in stages]
         datasets = [_read_json(s.folder / "dataset.json") for s in stages]
         _check_stages(spec, stages, plans)
@@ -164,7 +164,7 @@ class NnUNetFamily(ModelFamily):
             "dataset": spec.dataset,
             "trainer": spec.trainer,
             "plans": spec.plans,
-            "configurations": [s.configuration for s in resolved.stages],
+            "configurations": [s.configuration for s in resolved.parts],
             "fold": spec.fold,
             "checkpoint": spec.checkpoint,
             "label_map": {str(k): v for k, v in sorted(resolved.label_map.items())},
@@ -174,7 +174,7 @@ class NnUNetFamily(ModelFamily):
             out.update(repo=spec.repo_id, revision=spec.revision, commit=resolved.commit,
                        repo_path=spec.repo_path)
         else:
-            out["path"] = str(resolved.stages[0].folder.parent)
+            out["path"] = str(resolved.parts[0].folder.parent)
         if resolved.missing_labels:
             out["labels_not_predicted"] = list(resolved.missing_labels)
         if spec.keep_largest:
@@ -187,7 +187,7 @@ class NnUNetFamily(ModelFamily):
         spec = resolved.spec
         cls = predictor_class()
         predictors = []
-        for i, stage in enumerate(resolved.stages):
+        for i, stage in enumerate(resolved.parts):
             with silenced():
                 # The constructor prints a harmless note on non-CUDA devices.
                 predictor = cls(
@@ -216,7 +216,7 @@ class NnUNetFamily(ModelFamily):
                     ErrorCode.MODEL_UNAVAILABLE,
                     f"model {spec.id!r}: the checkpoint in {stage.folder.name} is "
                     f"{'a cascade stage' if is_cascade else 'not a cascade stage'}, which does not "
-                    f"fit the stages {[s.configuration for s in resolved.stages]}.",
+                    f"fit the stages {[s.configuration for s in resolved.parts]}.",
                 )
             predictors.append(predictor)
         return NnUNetPredictor(resolved, predictors)
@@ -225,18 +225,18 @@ class NnUNetFamily(ModelFamily):
 class NnUNetPredictor:
     """The loaded stages of one nnU-Net model (``nnUNetPredictor`` objects, in run order)."""
 
-    def __init__(self, resolved: NnUNetResolved, parts: list) -> None:
+    def __init__(self, resolved: NnUNetResolved, networks: list) -> None:
         self.resolved = resolved
-        self.parts = parts
+        self.networks = networks
 
     def segment(self, image: sitk.Image, *, use_mirroring: bool, progress: ProgressFn | None
                 ) -> tuple[sitk.Image, dict[str, float], list[str], dict[str, Any]]:
         resolved = self.resolved
         array, spacing, grid = _nnunet_input(image, resolved.reader)
         seconds: dict[str, float] = {}
-        n = len(self.parts)
+        n = len(self.networks)
         previous = None
-        for i, (stage, predictor) in enumerate(zip(resolved.stages, self.parts, strict=True)):
+        for i, (stage, predictor) in enumerate(zip(resolved.parts, self.networks, strict=True)):
             label = f"{stage.configuration} (stage {i + 1}/{n})"
             _report(progress, i, n, f"{label}: preprocessing")
             predictor.use_mirroring = bool(use_mirroring)
@@ -256,10 +256,10 @@ class NnUNetPredictor:
         return seg, seconds, [], {"use_mirroring": bool(use_mirroring)}
 
     def release(self) -> None:
-        for p in self.parts:  # nnU-Net predictors hold two copies of the weights
+        for p in self.networks:  # nnU-Net predictors hold two copies of the weights
             p.network = None
             p.list_of_parameters = None
-        self.parts.clear()
+        self.networks.clear()
 
 
 # ---------------------------------------------------------------- running
@@ -370,7 +370,7 @@ def _to_pipeline_image(
 # ---------------------------------------------------------------- checking folders
 
 
-def _check_stages(spec: NnUNetSpec, stages: tuple[Stage, ...], plans: list[dict]) -> None:
+def _check_stages(spec: NnUNetSpec, stages: tuple[ModelPart, ...], plans: list[dict]) -> None:
     """The stages must form a valid chain (a cascade stage right after its previous stage)."""
     for i, (stage, plan) in enumerate(zip(stages, plans, strict=True)):
         cfg = _configuration(plan, stage.configuration)
