@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,32 +259,11 @@ def fit_nsm(
     prepared inputs. ``progress(i, n)`` is called once per iteration. Runs on CUDA when
     available (``device=None``); the decoder is moved there for the fit and moved back after.
     """
-    if side not in ("right", "left"):
-        raise PipelineError(ErrorCode.INVALID_PARAMETERS, f"side must be right/left, not {side!r}")
     settings = ReconSettings.from_config(config, recon_overrides)
-    surfaces = [as_trimesh(bone)] + ([as_trimesh(cartilage)] if cartilage is not None else [])
-    if len(surfaces) > decoder.n_objects:
-        raise PipelineError(
-            ErrorCode.INVALID_PARAMETERS,
-            f"the shape model has {decoder.n_objects} object(s); pass only the femur for a "
-            "bone-only model.",
-        )
-    if any(len(m.faces) == 0 for m in surfaces):
-        raise PipelineError(ErrorCode.INVALID_VALUES, "an input surface for NSM fitting is empty")
-    if side == "left":
-        b, rest = mirror_left_to_right(surfaces[0], surfaces[1:])
-        surfaces = [b, *rest]
-    if clip_femur:
-        surfaces[0] = clip_femur_top(surfaces[0])
-
+    surfaces = _fit_inputs(bone, cartilage, side, decoder.n_objects, clip_femur)
     dev = torch_device(device)
-    home = next(decoder.parameters()).device
-    was_training = decoder.training
-    grad_flags = [p.requires_grad for p in decoder.parameters()]
     timings: dict[str, float] = {}
-    # Only the latent is optimised: frozen weights skip their gradient work.
-    decoder.to(dev).eval().requires_grad_(False)
-    try:
+    with _fitting_on(decoder, dev):
         t0 = time.perf_counter()
         target = mean_shape(decoder, mean_n_pts_per_axis)
         timings["mean_shape_s"] = time.perf_counter() - t0
@@ -292,9 +272,7 @@ def fit_nsm(
         matrix = similarity_icp(surfaces[0], target, max_iterations=icp_iterations,
                                 max_landmarks=icp_landmarks)
         registered = [m.transformed(matrix) for m in surfaces]
-        center = registered[0].vertices.mean(axis=0)
-        scale_src = registered if config.get("scale_all_meshes", True) else registered[:1]
-        scale = float(max(np.linalg.norm(m.vertices - center, axis=1).max() for m in scale_src))
+        center, scale = _normalisation(registered, config.get("scale_all_meshes", True))
         normalised = [TriMesh((m.vertices - center) / scale, m.faces) for m in registered]
         points, targets, sizes = _samples(normalised, settings, np.random.default_rng(seed))
         timings["prepare_s"] = time.perf_counter() - t0
@@ -311,16 +289,6 @@ def fit_nsm(
                              scale=scale, center=center, icp_transform=matrix)
         meshes = [None if m is None else m.out for m in ext.meshes]
         timings["extract_s"] = time.perf_counter() - t0
-    except torch.cuda.OutOfMemoryError as exc:
-        raise PipelineError(
-            ErrorCode.GPU_OOM, "the GPU ran out of memory during shape fitting; retry later."
-        ) from exc
-    finally:
-        decoder.to(home).train(was_training)
-        for param, flag in zip(decoder.parameters(), grad_flags, strict=True):
-            param.requires_grad_(flag)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
 
     t0 = time.perf_counter()
     assd_bone = assd(meshes[0], surfaces[0])
@@ -332,3 +300,57 @@ def fit_nsm(
         inputs=surfaces, assd_bone_mm=assd_bone, assd_cartilage_mm=assd_cart, side=side,
         n_iterations=n_done, best_loss=best, timings=timings,
     )
+
+
+def _fit_inputs(bone: MeshLike, cartilage: MeshLike | None, side: Side, n_objects: int,
+                clip_femur: bool) -> list[TriMesh]:
+    """The surfaces to fit, checked, as a right knee, the femur clipped (spec h) if asked."""
+    if side not in ("right", "left"):
+        raise PipelineError(ErrorCode.INVALID_PARAMETERS, f"side must be right/left, not {side!r}")
+    surfaces = [as_trimesh(bone)] + ([as_trimesh(cartilage)] if cartilage is not None else [])
+    if len(surfaces) > n_objects:
+        raise PipelineError(
+            ErrorCode.INVALID_PARAMETERS,
+            f"the shape model has {n_objects} object(s); pass only the femur for a "
+            "bone-only model.",
+        )
+    if any(len(m.faces) == 0 for m in surfaces):
+        raise PipelineError(ErrorCode.INVALID_VALUES, "an input surface for NSM fitting is empty")
+    if side == "left":
+        b, rest = mirror_left_to_right(surfaces[0], surfaces[1:])
+        surfaces = [b, *rest]
+    if clip_femur:
+        surfaces[0] = clip_femur_top(surfaces[0])
+    return surfaces
+
+
+@contextmanager
+def _fitting_on(decoder: TriplanarDecoder, dev: torch.device) -> Iterator[None]:
+    """The decoder on ``dev``, in eval mode with frozen weights (only the latent is optimised,
+    so the weights skip their gradient work); put back as it was afterwards. A CUDA OOM becomes
+    ``GPU_OOM``."""
+    home = next(decoder.parameters()).device
+    was_training = decoder.training
+    grad_flags = [p.requires_grad for p in decoder.parameters()]
+    decoder.to(dev).eval().requires_grad_(False)
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        raise PipelineError(
+            ErrorCode.GPU_OOM, "the GPU ran out of memory during shape fitting; retry later."
+        ) from exc
+    finally:
+        decoder.to(home).train(was_training)
+        for param, flag in zip(decoder.parameters(), grad_flags, strict=True):
+            param.requires_grad_(flag)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _normalisation(registered: list[TriMesh], all_meshes: bool) -> tuple[np.ndarray, float]:
+    """Centre (the registered femur's mean vertex) and scale (the largest radius from it, of
+    every surface or of the femur only)."""
+    center = registered[0].vertices.mean(axis=0)
+    scale_src = registered if all_meshes else registered[:1]
+    scale = float(max(np.linalg.norm(m.vertices - center, axis=1).max() for m in scale_src))
+    return center, scale
