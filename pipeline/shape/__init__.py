@@ -3,8 +3,8 @@
 Modules: ``decoder`` (triplanar decoder, checkpoint loading), ``mesh`` (SDF mesh extraction,
 ASSD), ``prepare`` (side, mirroring, femur clipping), ``register`` (similarity ICP), ``fit``
 (latent optimisation), ``bscore``, ``weights`` (local / Hub model folders), ``outputs``
-(reference file names), ``stage`` (the step of ``run()``, and ``fit_variant``: one variant in
-one call).
+(reference file names), ``stage`` (the step of ``run()``, ``stage.stage``, not re-exported so
+that ``pipeline.shape.stage`` stays the module; ``fit_variant``: one variant in one call).
 """
 
 from pipeline.shape.bscore import bscore
@@ -23,7 +23,7 @@ from pipeline.shape.mesh import (
 )
 from pipeline.shape.outputs import OUTPUT_NAMES, nsm_params, write_nsm_outputs
 from pipeline.shape.prepare import clip_femur_top, mirror_left_to_right
-from pipeline.shape.stage import ShapeRun, fit_variant, stage
+from pipeline.shape.stage import ShapeRun, fit_variant
 from pipeline.shape.weights import (
     NSM_MODELS,
     ModelPaths,
@@ -59,8 +59,6 @@ __all__ = [
     "nsm_params",
     "read_mesh",
     "resolve_local_model",
-    "stage",
-    "stage",
     "fit_variant",
     "write_nsm_outputs",
     "write_vtk",
