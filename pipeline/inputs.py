@@ -37,6 +37,9 @@ MAX_ARCHIVE_MEMBERS = 5000
 MAX_ARCHIVE_BYTES = 4 * 1024**3
 MAX_ARCHIVE_RATIO = 200.0
 MIN_AXIS_VOXELS = 16
+# A T2 series beside the main image (--t2-series) is only mapped, never segmented or meshed:
+# a thin sagittal MESE slab (e.g. 10 slices of 3 mm) is a real protocol, one slice is not a fit.
+MIN_T2_SERIES_SLICES = 2
 SPACING_RANGE_MM = (0.01, 20.0)
 _NESTED_ARCHIVES = (".zip", ".tar", ".tgz", ".tar.gz", ".gz", ".bz2", ".xz", ".7z", ".rar")
 _JUNK = ("__MACOSX", ".DS_Store", "Thumbs.db", "DICOMDIR")
@@ -107,11 +110,13 @@ def input_stem(path: str | os.PathLike) -> str:
 
 def load_image(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
                tmp_dir: str | os.PathLike | None = None,
-               echo_times_ms: tuple[float, ...] | None = None) -> LoadedImage:
+               echo_times_ms: tuple[float, ...] | None = None,
+               min_slices: int = MIN_AXIS_VOXELS) -> LoadedImage:
     """Load and validate an uploaded MRI; raise ``PipelineError`` with a stable code if refused.
     A zip is extracted into a folder under ``tmp_dir`` (default: the temp root), removed after
     reading. A multi-echo spin-echo DICOM series, or a 4-D image with ``echo_times_ms``, loads
-    as a MESE (``loaded.mese``; the image is echo 1)."""
+    as a MESE (``loaded.mese``; the image is echo 1). ``min_slices``: the fewest voxels the
+    thinnest axis may have (the other two always need ``MIN_AXIS_VOXELS``)."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(ErrorCode.INVALID_FORMAT, f"{path.name}: file not found")
@@ -127,7 +132,8 @@ def load_image(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
         loaded = _image_input(path, stem, _format_of(path), echo_times_ms)
     else:
         loaded = _load_single_dicom(path, stem)
-    loaded.image = _validated(loaded.image, path.name)
+    loaded.image = _validated(loaded.image, path.name, min_slices,
+                              mese=loaded.mese is not None)
     return loaded
 
 
@@ -589,7 +595,8 @@ def _sorted_by_position(items: list[tuple[Path, object]]) -> list[Path]:
 # ---------------------------------------------------------------- validation
 
 
-def _validated(img: sitk.Image, name: str) -> sitk.Image:
+def _validated(img: sitk.Image, name: str, min_slices: int = MIN_AXIS_VOXELS,
+               mese: bool = False) -> sitk.Image:
     dim = img.GetDimension()
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise PipelineError(
@@ -608,11 +615,15 @@ def _validated(img: sitk.Image, name: str) -> sitk.Image:
                if dim == 4 else "."),
         )
     size = img.GetSize()
-    if min(size) < MIN_AXIS_VOXELS:
+    thinnest, middle = sorted(size)[:2]
+    if thinnest < min_slices or middle < MIN_AXIS_VOXELS:
+        fewest = MIN_AXIS_VOXELS if middle < MIN_AXIS_VOXELS else min_slices
+        hint = (" (a thinner T2 series can come beside a 3-D image, as --t2-series)"
+                if mese and middle >= MIN_AXIS_VOXELS else "")
         raise PipelineError(
             ErrorCode.INVALID_DIMENSIONS,
-            f"{name}: size {list(size)} has an axis under {MIN_AXIS_VOXELS} voxels; "
-            "upload the whole 3-D volume.",
+            f"{name}: size {list(size)} has an axis under {fewest} voxels; "
+            f"upload the whole 3-D volume{hint}.",
         )
     spacing = img.GetSpacing()
     lo, hi = SPACING_RANGE_MM

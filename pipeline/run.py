@@ -466,7 +466,8 @@ def _load_t2_series(loaded, path, options: Options, max_bytes: int, tmp_dir):
         raise PipelineError(ErrorCode.INVALID_PARAMETERS,
                             "the input is a MESE already; --t2-series is for a DESS/qDESS input")
     series = inputs.load_image(path, max_bytes=max_bytes, tmp_dir=tmp_dir,
-                               echo_times_ms=options.echo_times_ms)
+                               echo_times_ms=options.echo_times_ms,
+                               min_slices=inputs.MIN_T2_SERIES_SLICES)
     if series.mese is None:
         raise PipelineError(ErrorCode.INVALID_ECHOES,
                             f"{name}: the T2 series is not a multi-echo spin-echo series "

@@ -312,6 +312,38 @@ def test_t2_series_on_another_grid(tmp_path):
     assert t2map.GetSize() == (118, 106, 38) and "t2map" not in result.images
 
 
+def test_thin_t2_series_is_mapped_beside_the_image_but_refused_as_the_image(tmp_path):
+    """A 10-slice sagittal MESE slab (3 mm, 30 mm of the knee's middle) is a real protocol: as
+    --t2-series it only needs mapping (>= MIN_T2_SERIES_SLICES); as the main image it would be
+    segmented and meshed, so the 16-voxel rule refuses it and says where it can go."""
+    ph = P.generate(P.PhantomSpec(size=(140, 140, 91), spacing=(0.8, 0.8, 1.0), noise=0.0,
+                                  bias=0.0))
+    main, seg = tmp_path / "dess.nii.gz", tmp_path / "dess_seg.nii.gz"
+    sitk.WriteImage(ph.image, str(main))
+    sitk.WriteImage(ph.labels, str(seg))
+    n_slices = 10
+    assert inputs.MIN_T2_SERIES_SLICES <= n_slices < inputs.MIN_AXIS_VOXELS
+    ref = sitk.Image([118, 106, n_slices], sitk.sitkUInt8)
+    ref.SetSpacing((0.95, 1.05, 3.0))
+    ref.SetDirection(ph.labels.GetDirection())
+    normal = np.asarray(ph.labels.GetDirection()).reshape(3, 3)[:, 2]
+    middle = (91 * 1.0 - n_slices * 3.0) / 2  # the slab in the middle of the 91 mm
+    ref.SetOrigin(tuple(np.asarray(ph.labels.GetOrigin()) + [1.5, -1.0, 0.0] + normal * middle))
+    mese_labels = sitk.Resample(ph.labels, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    series = tmp_path / "T2MAP"
+    write_mese_dicom(labels_to_mese(mese_labels, seed=7), mese_labels, GE_TE_MS, series,
+                     layout="ge")
+    t2_zip = zip_series(series, tmp_path / "t2.zip")
+    refused = _expect(ErrorCode.INVALID_DIMENSIONS, inputs.load_image, t2_zip)
+    assert "--t2-series" in refused.message
+    run(main, tmp_path / "out", seg_path=seg, t2_series_path=t2_zip)
+    flat = json.loads((tmp_path / "out" / "dess_results.json").read_text())
+    assert flat["t2_method"] == "mese"
+    _assert_regions(flat)  # every region within 1 ms of its designed T2
+    t2map = sitk.ReadImage(str(tmp_path / "out" / "dess_t2map.nii.gz"))
+    assert t2map.GetSize() == (118, 106, n_slices)
+
+
 def test_mese_alone_gives_maps_and_says_why_no_regions(small, tmp_path):
     result = run(small["root"] / "siemens", tmp_path / "out")
     assert any("no regional T2 values" in w for w in result.warnings)
