@@ -344,6 +344,42 @@ def test_thin_t2_series_is_mapped_beside_the_image_but_refused_as_the_image(tmp_
     assert t2map.GetSize() == (118, 106, n_slices)
 
 
+def test_cohort_case_with_a_t2_series(tmp_path):
+    """The manifest's ``t2_series`` column reaches ``run()``: the case's results row (the
+    cohort table) carries the MESE T2 of every region, and the series is part of its resume key."""
+    from pipeline.cohort import case as C
+    from pipeline.cohort.manifest import read_manifest
+    from pipeline.cohort.tables import results_table
+
+    ph = P.generate(P.PhantomSpec(size=(110, 110, 80), spacing=(0.9, 0.9, 1.0), noise=0.0,
+                                  bias=0.0))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    sitk.WriteImage(ph.image, str(scans / "dess.nii.gz"))
+    sitk.WriteImage(ph.labels, str(scans / "dess_seg.nii.gz"))
+    ref = sitk.Image([100, 96, 28], sitk.sitkUInt8)
+    ref.SetSpacing((1.0, 1.0, 3.0))
+    ref.SetDirection(ph.labels.GetDirection())
+    ref.SetOrigin(ph.labels.GetOrigin())
+    mese_labels = sitk.Resample(ph.labels, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    write_mese_dicom(labels_to_mese(mese_labels, seed=5), mese_labels, GE_TE_MS,
+                     scans / "T2MAP", layout="ge")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("id,image,seg,t2_series\n"
+                        "k1,scans/dess.nii.gz,scans/dess_seg.nii.gz,scans/T2MAP\n")
+    (case,) = read_manifest(manifest)
+    assert case.t2_series == scans / "T2MAP" and "t2_series" in case.input_files()
+    out = tmp_path / "out"
+    (out / "cases").mkdir(parents=True)
+    options = Options()
+    record = C.analyze_case(case, out, options, C.options_digest(options))
+    assert record["status"] == "done", record
+    assert "t2_series" in record["inputs"]
+    row = results_table(out, [record]).iloc[0]
+    assert row["t2_method"] == "mese"
+    _assert_regions(row.to_dict())  # every region within 1 ms of its designed T2
+
+
 def test_mese_alone_gives_maps_and_says_why_no_regions(small, tmp_path):
     result = run(small["root"] / "siemens", tmp_path / "out")
     assert any("no regional T2 values" in w for w in result.warnings)

@@ -141,7 +141,8 @@ def analyze_case(case: Case, out: Path, options, options_hash: str, presegmented
         # run() keeps everything per job, so a worker with several threads runs cases at once.
         result = run(
             case.image, tmp, options, seg_path=case.seg, echo2_path=case.echo2,
-            qdess_params_path=case.qdess_params, presegmented=presegmented,
+            qdess_params_path=case.qdess_params, t2_series_path=case.t2_series,
+            presegmented=presegmented,
         )
         final = case_dir(out, case.id)
         _replace_dir(tmp, final)

@@ -1,7 +1,8 @@
 """Which cases a cohort holds: a manifest CSV, or a folder with one case per image.
 
 CSV columns: ``image`` (required) and optionally ``id``, ``seg``, ``subject``, ``visit``,
-``echo2``, ``qdess_params``; relative paths are relative to the CSV's folder. A folder gives one
+``echo2``, ``qdess_params``, ``t2_series`` (a MESE beside the image, as ``--t2-series``);
+relative paths are relative to the CSV's folder. A folder gives one
 case per image file, DICOM folder or zip; ``NAME_seg.*`` is the segmentation of ``NAME.*``.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from ..errors import ErrorCode, PipelineError
 from ..inputs import IMAGE_EXTENSIONS, input_stem
 
-COLUMNS = ("id", "image", "seg", "subject", "visit", "echo2", "qdess_params")
+COLUMNS = ("id", "image", "seg", "subject", "visit", "echo2", "qdess_params", "t2_series")
 CASE_SUFFIXES = (*IMAGE_EXTENSIONS, ".zip", ".dcm")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -31,11 +32,12 @@ class Case:
     visit: str = ""
     echo2: Path | None = None
     qdess_params: Path | None = None
+    t2_series: Path | None = None
 
     def input_files(self) -> dict[str, Path]:
         """Role → path of every input this case reads (what its resume key hashes)."""
         roles = {"image": self.image, "seg": self.seg, "echo2": self.echo2,
-                 "qdess_params": self.qdess_params}
+                 "qdess_params": self.qdess_params, "t2_series": self.t2_series}
         return {role: path for role, path in roles.items() if path is not None}
 
 
@@ -102,6 +104,7 @@ def _cases_of_csv(path: Path) -> list[Case]:
             image=image, seg=resolve(row.get("seg", "")), subject=row.get("subject", ""),
             visit=row.get("visit", ""), echo2=resolve(row.get("echo2", "")),
             qdess_params=resolve(row.get("qdess_params", "")),
+            t2_series=resolve(row.get("t2_series", "")),
         ))
     return cases
 
