@@ -229,6 +229,8 @@ def run(
                 result = stage.run(ctx)
             if result is not None:
                 ctx.results[stage.name] = result
+                for path in result.files.values():  # what a stage returns is zipped
+                    ctx.outputs.add(path)
                 if result.info.get("seconds_beforehand"):  # e.g. a cohort's presegmentation
                     seconds = track.seconds[stage.name] + result.info["seconds_beforehand"]
                     track.seconds[stage.name] = round(seconds, 3)
@@ -315,15 +317,12 @@ def _shape_stage(ctx: StageContext) -> StageResult | None:
         return None
     from .shape.stage import stage as shape_stage
 
-    shape = shape_stage(
+    return shape_stage(
         NSM_VARIANTS[options.nsm], ctx.image("subregions"), ctx.data("bones"),
         out_dir=ctx.out_dir, model_dir=options.nsm_dir, bscore_dir=options.nsm_bscore_dir,
         device=options.device, accelerate=ctx.request["accelerate"],
         progress=lambda i, n: ctx.progress(i, n, f"fit iteration {i}/{n}"),
     )
-    for path in shape.files.values():
-        ctx.outputs.add(path)
-    return shape
 
 
 def _write_stage(ctx: StageContext) -> StageResult:

@@ -15,7 +15,8 @@ class StageResult:
     """One stage's output.
 
     ``metrics`` join the results table; ``notes`` are user-facing warnings; ``files`` maps a
-    role (``"t2map"``, ``"femur_mesh"``, …) to a file the stage wrote; ``images`` holds its
+    role (``"t2map"``, ``"femur_mesh"``, …) to a file the stage wrote, which ``run()`` puts in
+    the results zip (as it does every file written through ``ctx.outputs``); ``images`` holds its
     label maps and parameter maps in memory (canonical orientation unless the role says
     otherwise); ``data`` holds other in-memory products later stages need (the loaded input,
     the bone surfaces); ``info`` is the stage's provenance record.

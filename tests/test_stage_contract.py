@@ -21,9 +21,11 @@ def _toy(ctx: StageContext) -> StageResult:
     tibial = sum(ctx.results["Patella surface and thickness"].metrics[L.volume_key(k)]
                  for k in ("med_tib_cart", "lat_tib_cart"))
     path = ctx.outputs.write_json({"ratio": total / tibial}, f"{ctx.outputs.stem}_toy.json")
+    own = ctx.out_dir / "toy_note.txt"  # written without ctx.outputs: returned, so zipped
+    own.write_text("a file the stage wrote itself\n")
     ctx.progress(1, 2, "half way")
     return StageResult(metrics={"toy_men_per_tib_cart": total / tibial}, notes=["toy ran"],
-                       files={"toy": path}, info={"toy": {"version": 1}})
+                       files={"toy": path, "toy_note": own}, info={"toy": {"version": 1}})
 
 
 def test_a_stage_added_to_the_list_runs_with_no_edit_of_run(tmp_path: Path) -> None:
@@ -39,7 +41,7 @@ def test_a_stage_added_to_the_list_runs_with_no_edit_of_run(tmp_path: Path) -> N
     row = json.loads((tmp_path / "out" / "knee_results.json").read_text())
     assert row["toy_men_per_tib_cart"] == result.metrics.iloc[0]["toy_men_per_tib_cart"]
     assert "toy ran" in result.warnings and result.artifacts["toy"].name == "knee_toy.json"
-    assert "knee_toy.json" in zipfile.ZipFile(result.zip_path).namelist()
+    assert {"knee_toy.json", "toy_note.txt"} <= set(zipfile.ZipFile(result.zip_path).namelist())
     assert result.provenance["toy"] == {"version": 1}
     assert "Toy ratio" in result.provenance["stage_seconds"]
     # Eleven steps now, numbered in list order; the toy's own progress inside its step.
