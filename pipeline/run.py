@@ -120,7 +120,9 @@ class Result:
     ``artifacts`` maps a role (``"all-labels"``, ``"subregions-labels"``, ``"t2map"``,
     ``"femur_mesh"``, ``"knee_glb"``, ``"legend"``, ``"nsm_bone"``, ``"zip"``, …) to its file.
     ``images`` holds, on the input's grid, the input (``"image"``) and the maps written as
-    ``"all-labels"``, ``"subregions-labels"`` and ``"t2map"``; with ``qc`` (the full
+    ``"all-labels"``, ``"subregions-labels"`` and ``"t2map"`` (a ``--t2-series`` map
+    resampled onto the input's grid for display; its file stays on the series' grid); with
+    ``qc`` (the full
     segmentation QC summary) and ``view_frame`` (the frame of the 3-D files) a caller shows
     every result without reading back what the job wrote or loading the upload again.
     """

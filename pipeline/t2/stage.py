@@ -104,8 +104,11 @@ def _mese_stage(loaded, source, seg_c, sub_c, bone_results, outputs,
         img = sitk.GetImageFromArray(values.astype(np.float32))
         img.CopyInformation(ref)
         out.files[role] = outputs.write_image(img, role)[0]
-        if role == "t2map" and source is loaded:
-            out.images["t2map"] = img  # on the input's grid, as written
+        if role == "t2map":
+            # The slice viewer overlays it on the input: a T2 series' map is resampled onto the
+            # input's grid for that (nearest neighbour keeps masked voxels NaN; NaN outside).
+            out.images["t2map"] = img if source is loaded else sitk.Resample(
+                img, loaded.image, sitk.Transform(), sitk.sitkNearestNeighbor, float("nan"))
     on_input = source is loaded
     info = {"t2_method": "mese", **record,
             "source": "input" if on_input else "t2_series",
