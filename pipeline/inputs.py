@@ -618,7 +618,8 @@ def _validated(img: sitk.Image, name: str, min_slices: int = MIN_AXIS_VOXELS,
     thinnest, middle = sorted(size)[:2]
     if thinnest < min_slices or middle < MIN_AXIS_VOXELS:
         fewest = MIN_AXIS_VOXELS if middle < MIN_AXIS_VOXELS else min_slices
-        hint = (" (a thinner T2 series can come beside a 3-D image, as --t2-series)"
+        hint = (" (a thinner MESE can be the T2 series beside a 3-D image: --t2-series, or "
+                "the app's T2 series upload)"
                 if mese and middle >= MIN_AXIS_VOXELS else "")
         raise PipelineError(
             ErrorCode.INVALID_DIMENSIONS,

@@ -100,16 +100,15 @@ def _mese_stage(loaded, source, seg_c, sub_c, bone_results, outputs,
     record = settings.record(tuple(series.echo_times_ms))
     fit = M.fit_mese(series.array(), series.echo_times_ms, settings)
     ref = source.image
+    on_input = source is loaded
     for role, values in (("t2map", fit.t2_ms), ("t2_r2", fit.r2), ("s0", fit.s0)):
         img = sitk.GetImageFromArray(values.astype(np.float32))
         img.CopyInformation(ref)
         out.files[role] = outputs.write_image(img, role)[0]
         if role == "t2map":
-            # The slice viewer overlays it on the input: a T2 series' map is resampled onto the
-            # input's grid for that (nearest neighbour keeps masked voxels NaN; NaN outside).
-            out.images["t2map"] = img if source is loaded else sitk.Resample(
-                img, loaded.image, sitk.Transform(), sitk.sitkNearestNeighbor, float("nan"))
-    on_input = source is loaded
+            # The slice viewer overlays it on the input: a T2 series' map goes onto the
+            # input's grid for that (masked voxels stay NaN; NaN outside the series).
+            out.images["t2map"] = img if on_input else on_grid(img, loaded.image, float("nan"))
     info = {"t2_method": "mese", **record,
             "source": "input" if on_input else "t2_series",
             "t2_series": None if on_input else {
@@ -131,8 +130,8 @@ def _mese_stage(loaded, source, seg_c, sub_c, bone_results, outputs,
         sub_arr = sitk.GetArrayFromImage(geometry.from_canonical(sub_c, ref))
         depth_arr = sitk.GetArrayFromImage(geometry.from_canonical(depth_c, ref))
     else:
-        sub_arr = sitk.GetArrayFromImage(labels_on_grid(sub_c, ref))
-        depth_arr = sitk.GetArrayFromImage(labels_on_grid(depth_c, ref))
+        sub_arr = sitk.GetArrayFromImage(on_grid(sub_c, ref))
+        depth_arr = sitk.GetArrayFromImage(on_grid(depth_c, ref))
     cartilage = np.isin(sub_arr, list(L.REGION_KEYS))
     info["cartilage_voxels"] = fit.counts(cartilage)
     masked = int(np.count_nonzero(cartilage)) - info["cartilage_voxels"]["valid"]
@@ -147,18 +146,19 @@ def _mese_stage(loaded, source, seg_c, sub_c, bone_results, outputs,
     return out
 
 
-def labels_on_grid(labels: sitk.Image, ref: sitk.Image) -> sitk.Image:
-    """``labels`` resampled onto ``ref``'s grid by physical coordinates (nearest neighbour;
-    0 outside): no registration, the scanner's coordinates are trusted."""
-    return sitk.Resample(labels, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                         labels.GetPixelID())
+def on_grid(image: sitk.Image, ref: sitk.Image, outside: float = 0.0) -> sitk.Image:
+    """``image`` (labels or a map) resampled onto ``ref``'s grid by physical coordinates
+    (nearest neighbour, so labels and NaN stay as they are; ``outside`` where it does not
+    reach): no registration, the scanner's coordinates are trusted."""
+    return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkNearestNeighbor, outside,
+                         image.GetPixelID())
 
 
 def check_overlap(image: sitk.Image, t2_ref: sitk.Image, name: str) -> None:
     """Refuse (SEG_MISMATCH) a T2 series that shares no voxel with the main image."""
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
-    if not np.any(sitk.GetArrayFromImage(labels_on_grid(ones, t2_ref))):  # a copy: no view
+    if not np.any(sitk.GetArrayFromImage(on_grid(ones, t2_ref))):  # a copy: no view
         # of a temporary image
         raise PipelineError(
             ErrorCode.SEG_MISMATCH,
