@@ -283,24 +283,34 @@ def test_mese_input_with_its_segmentation(tmp_path):
     assert "t2map" in result.images  # the slice viewer overlays it on echo 1
 
 
+def _dess_and_mese(ph: P.Phantom, folder: Path, size, spacing, shift_mm, seed: int):
+    """``ph`` written as a DESS-like image and its labels (``dess.nii.gz``, ``dess_seg.nii.gz``)
+    and the same knee as a GE MESE series (``T2MAP/``) on another grid: ``size`` and
+    ``spacing``, ``ph``'s direction, the origin moved by ``shift_mm`` (scanner coordinates).
+    Returns the image, segmentation and series paths and the MESE's labels."""
+    main, seg = folder / "dess.nii.gz", folder / "dess_seg.nii.gz"
+    sitk.WriteImage(ph.image, str(main))
+    sitk.WriteImage(ph.labels, str(seg))
+    ref = sitk.Image(list(size), sitk.sitkUInt8)
+    ref.SetSpacing(spacing)
+    ref.SetDirection(ph.labels.GetDirection())
+    ref.SetOrigin(tuple(np.asarray(ph.labels.GetOrigin()) + shift_mm))
+    mese_labels = sitk.Resample(ph.labels, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    series = folder / "T2MAP"
+    write_mese_dicom(labels_to_mese(mese_labels, seed=seed), mese_labels, GE_TE_MS, series,
+                     layout="ge")
+    return main, seg, series, mese_labels
+
+
 def test_t2_series_on_another_grid(tmp_path):
     """Labels (b): a DESS-like main image with its segmentation and the MESE on another grid
     (other spacing, origin and extent): the labels are resampled into the MESE grid."""
     ph = P.generate(P.PhantomSpec(size=(140, 140, 91), spacing=(0.8, 0.8, 1.0), noise=0.0,
                                   bias=0.0))
-    main, seg = tmp_path / "dess.nii.gz", tmp_path / "dess_seg.nii.gz"
-    sitk.WriteImage(ph.image, str(main))
-    sitk.WriteImage(ph.labels, str(seg))
-    ref = sitk.Image([118, 106, 38], sitk.sitkUInt8)
-    ref.SetSpacing((0.95, 1.05, 3.0))
-    ref.SetDirection(ph.labels.GetDirection())
-    ref.SetOrigin(tuple(np.asarray(ph.labels.GetOrigin()) + [1.5, -1.0, -0.8]))
-    mese_labels = sitk.Resample(ph.labels, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    main, seg, series, mese_labels = _dess_and_mese(
+        ph, tmp_path, (118, 106, 38), (0.95, 1.05, 3.0), [1.5, -1.0, -0.8], seed=7)
     assert set(np.unique(sitk.GetArrayViewFromImage(mese_labels))) == set(
         np.unique(sitk.GetArrayViewFromImage(ph.labels)))  # the MESE covers every structure
-    series = tmp_path / "T2MAP"
-    write_mese_dicom(labels_to_mese(mese_labels, seed=7), mese_labels, GE_TE_MS, series,
-                     layout="ge")
     result = run(main, tmp_path / "out", seg_path=seg,
                  t2_series_path=zip_series(series, tmp_path / "t2.zip"))
     flat = json.loads((tmp_path / "out" / "dess_results.json").read_text())
@@ -328,21 +338,12 @@ def test_thin_t2_series_is_mapped_beside_the_image_but_refused_as_the_image(tmp_
     segmented and meshed, so the 16-voxel rule refuses it and says where it can go."""
     ph = P.generate(P.PhantomSpec(size=(140, 140, 91), spacing=(0.8, 0.8, 1.0), noise=0.0,
                                   bias=0.0))
-    main, seg = tmp_path / "dess.nii.gz", tmp_path / "dess_seg.nii.gz"
-    sitk.WriteImage(ph.image, str(main))
-    sitk.WriteImage(ph.labels, str(seg))
     n_slices = 10
     assert inputs.MIN_T2_SERIES_SLICES <= n_slices < inputs.MIN_AXIS_VOXELS
-    ref = sitk.Image([118, 106, n_slices], sitk.sitkUInt8)
-    ref.SetSpacing((0.95, 1.05, 3.0))
-    ref.SetDirection(ph.labels.GetDirection())
     normal = np.asarray(ph.labels.GetDirection()).reshape(3, 3)[:, 2]
     middle = (91 * 1.0 - n_slices * 3.0) / 2  # the slab in the middle of the 91 mm
-    ref.SetOrigin(tuple(np.asarray(ph.labels.GetOrigin()) + [1.5, -1.0, 0.0] + normal * middle))
-    mese_labels = sitk.Resample(ph.labels, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    series = tmp_path / "T2MAP"
-    write_mese_dicom(labels_to_mese(mese_labels, seed=7), mese_labels, GE_TE_MS, series,
-                     layout="ge")
+    main, seg, series, _ = _dess_and_mese(ph, tmp_path, (118, 106, n_slices), (0.95, 1.05, 3.0),
+                                          np.array([1.5, -1.0, 0.0]) + normal * middle, seed=7)
     t2_zip = zip_series(series, tmp_path / "t2.zip")
     refused = _expect(ErrorCode.INVALID_DIMENSIONS, inputs.load_image, t2_zip)
     assert "--t2-series" in refused.message
@@ -365,15 +366,7 @@ def test_cohort_case_with_a_t2_series(tmp_path):
                                   bias=0.0))
     scans = tmp_path / "scans"
     scans.mkdir()
-    sitk.WriteImage(ph.image, str(scans / "dess.nii.gz"))
-    sitk.WriteImage(ph.labels, str(scans / "dess_seg.nii.gz"))
-    ref = sitk.Image([100, 96, 28], sitk.sitkUInt8)
-    ref.SetSpacing((1.0, 1.0, 3.0))
-    ref.SetDirection(ph.labels.GetDirection())
-    ref.SetOrigin(ph.labels.GetOrigin())
-    mese_labels = sitk.Resample(ph.labels, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    write_mese_dicom(labels_to_mese(mese_labels, seed=5), mese_labels, GE_TE_MS,
-                     scans / "T2MAP", layout="ge")
+    _dess_and_mese(ph, scans, (100, 96, 28), (1.0, 1.0, 3.0), [0.0, 0.0, 0.0], seed=5)
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("id,image,seg,t2_series\n"
                         "k1,scans/dess.nii.gz,scans/dess_seg.nii.gz,scans/T2MAP\n")
