@@ -235,7 +235,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         # Handlers only follow jobs (the queue runs them): room for every job that may wait or run.
         followers = settings.queue_max + service.slots + 1
         wire_jobs(page, analyze_endpoint(service, default_model), endpoints, examples, followers)
-        wire_results(demo, page, endpoints, service)
+        wire_results(demo, page, endpoints)
 
     # Gradio's own queue only holds events waiting for a following slot; the job queue
     # (KNEE_QUEUE_MAX, with its explained QUEUE_FULL) is the real limit.
@@ -374,11 +374,10 @@ def wire_jobs(page: Page, analyze: Callable[..., Iterator], endpoints: Endpoints
     page.show_results_after(example_job, with_viewers=True)
 
 
-def wire_results(demo: gr.Blocks, page: Page, endpoints: Endpoints,
-                 service: AnalysisService) -> None:
+def wire_results(demo: gr.Blocks, page: Page, endpoints: Endpoints) -> None:
     """Earlier jobs' results (box, /result, ``?job=`` links), uploads, and the small
     endpoints."""
-    form, outputs = page.form, page.panel.outputs
+    form, outputs, service = page.form, page.panel.outputs, endpoints.service
     fetched = form.fetch_btn.click(service.result_page, [form.job_box], outputs, **QUIET)
     page.show_results_after(fetched, with_viewers=False)
     form.result_api_btn.click(endpoints.result, [form.job_box], outputs, api_name="result",
