@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from . import qdess_input as Q
+from . import dicom_slices as S
 from .errors import ErrorCode, PipelineError
 
 MIN_ECHOES = 3
@@ -59,7 +59,7 @@ def is_spin_echo(ds) -> bool:
 
 
 def _echo_time(ds) -> float | None:
-    value = Q._header_float(ds, "EchoTime")
+    value = S.header_float(ds, "EchoTime")
     return None if value is None else round(value, TE_DECIMALS)
 
 
@@ -89,8 +89,8 @@ def classify(datasets: Sequence) -> str | None:
 
 def _depths(datasets: Sequence) -> np.ndarray | None:
     try:
-        normal = Q._axes(Q._orientation(datasets[0]))[2]
-        return np.array([Q._position(ds) @ normal for ds in datasets])
+        normal = S.axes(S.orientation(datasets[0]))[2]
+        return np.array([S.position(ds) @ normal for ds in datasets])
     except PipelineError:
         return None
 
@@ -139,20 +139,20 @@ def _fmt(values) -> str:
 def load_mese_datasets(datasets: Sequence, name: str, *, n_series: int = 1) -> MeseSeries:
     """Group DICOM headers (``ds.filename`` set) into one multi-echo volume and read it."""
     ref = datasets[0]
-    iop = Q._orientation(ref)
+    iop = S.orientation(ref)
     for ds in datasets:
-        if not np.allclose(Q._orientation(ds), iop, atol=_ORIENTATION_TOL):
+        if not np.allclose(S.orientation(ds), iop, atol=_ORIENTATION_TOL):
             raise PipelineError(ErrorCode.INVALID_ECHOES,
                                 f"{name}: the echoes have different geometries (slice "
                                 "orientation differs); they are not one multi-echo volume")
     matrices = {(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0),
-                 *np.round(Q._pixel_spacing(ds), 4)) for ds in datasets}
+                 *np.round(S.pixel_spacing(ds), 4)) for ds in datasets}
     if len(matrices) != 1:
         raise PipelineError(ErrorCode.INVALID_ECHOES,
                             f"{name}: the echoes have different geometries (matrix/pixel "
                             f"spacing {sorted(matrices)}); they are not one multi-echo volume")
-    normal = Q._axes(iop)[2]
-    positions = np.array([Q._position(ds) for ds in datasets])
+    normal = S.axes(iop)[2]
+    positions = np.array([S.position(ds) for ds in datasets])
     depth = positions @ normal
     order = np.argsort(depth, kind="stable")
     # Cluster positions along the normal: a new slice starts where the gap exceeds the tolerance.
@@ -196,12 +196,12 @@ def load_mese_datasets(datasets: Sequence, name: str, *, n_series: int = 1) -> M
     echoes = []
     for te in echo_times:
         slices = [grid[(s, te)] for s in range(n_slices)]
-        volume = Q._volume(slices, iop)
+        volume = S.volume(slices, iop)
         if echoes:
             volume.CopyInformation(echoes[0])  # one grid by construction; no rounding drift
         echoes.append(volume)
     warnings = []
-    note = Q._irregular_spacing_warning([grid[(s, echo_times[0])] for s in range(n_slices)],
+    note = S.irregular_spacing_warning([grid[(s, echo_times[0])] for s in range(n_slices)],
                                         normal)
     if note:
         warnings.append(note)

@@ -19,8 +19,8 @@ import SimpleITK as sitk
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
 
+from . import dicom_slices as S
 from .errors import ErrorCode, PipelineError
 from .t2.mapping import (
     QDessParams,
@@ -35,7 +35,6 @@ GE_GROUP = 0x0019
 GL_AREA_OFFSET = 0xB6  # (0019,xxB6) "User data 15": spoiler gradient area
 TG_OFFSET = 0xB7  # (0019,xxB7) "User data 16": spoiler duration, µs
 
-_POSITION_TOL_MM = 1e-3
 _ORIENTATION_TOL = 1e-4
 # What pydicom raises on junk files in an upload (force=True reads anything as elements).
 _NOT_DICOM_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError,
@@ -64,39 +63,6 @@ class QDessSeries:
 # --------------------------------------------------------------------------- header values
 
 
-def _first(value: object) -> object:
-    # Multi-valued elements (MultiValue/list) only make sense here with a single entry.
-    if isinstance(value, (list, tuple, MultiValue)):
-        return value[0] if len(value) == 1 else None
-    return value
-
-
-def _to_float(value: object) -> float | None:
-    """Parse a DS/IS/UN/str value; None when absent, empty or unparseable."""
-    value = _first(value)
-    if value is None:
-        return None
-    if isinstance(value, (bytes, bytearray)):
-        # UN bytes (implicit VR without creator): ASCII digits padded with spaces or NULs
-        try:
-            value = bytes(value).decode("ascii")
-        except UnicodeDecodeError:
-            return None
-    if isinstance(value, str):
-        value = value.strip(" \x00")
-        if not value:
-            return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _header_float(ds: Dataset, keyword: str) -> float | None:
-    return _to_float(ds.get(keyword))
-
-
 def _private_element(ds: Dataset, offset: int) -> DataElement | None:
     """GE private element by creator block, else by the full tag as DOSMA reads it."""
     try:
@@ -111,7 +77,7 @@ def _private_element(ds: Dataset, offset: int) -> DataElement | None:
 
 def _private_float(ds: Dataset, offset: int) -> float | None:
     element = _private_element(ds, offset)
-    return None if element is None else _to_float(element.value)
+    return None if element is None else S.to_float(element.value)
 
 
 def read_qdess_params(ds: Dataset) -> QDessParams:
@@ -119,7 +85,7 @@ def read_qdess_params(ds: Dataset) -> QDessParams:
     missing/empty GL_AREA (0019,10B6) / TG (0019,10B7) → None)."""
 
     def scalar(keyword: str) -> float:
-        value = _header_float(ds, keyword)
+        value = S.header_float(ds, keyword)
         return math.nan if value is None else value
 
     return QDessParams(
@@ -141,7 +107,7 @@ def private_creator_warning(ds: Dataset) -> str | None:
     except KeyError:
         pass
     creator = ds.get((GE_GROUP, 0x0010))
-    name = "" if creator is None else str(_first(creator.value) or "").strip(" \x00")
+    name = "" if creator is None else str(S.first_value(creator.value) or "").strip(" \x00")
     shown = f"'{name}'" if name else "missing"
     return (f"private creator (0019,0010) is {shown}, not {GE_CREATOR}; reading GL_AREA/TG "
             "from (0019,10B6)/(0019,10B7) anyway, as DOSMA does")
@@ -151,11 +117,11 @@ def private_creator_warning(ds: Dataset) -> str | None:
 
 
 def _echo_time(ds: Dataset) -> float | None:
-    return _header_float(ds, "EchoTime")
+    return S.header_float(ds, "EchoTime")
 
 
 def _echo_number(ds: Dataset) -> float | None:
-    return _header_float(ds, "EchoNumbers")
+    return S.header_float(ds, "EchoNumbers")
 
 
 _GROUP_KEYS: tuple[tuple[str, Callable[[Dataset], float | None]], ...] = (
@@ -196,41 +162,15 @@ def _describe_echo_values(datasets: Sequence[Dataset]) -> str:
     return "; ".join(parts)
 
 
-def _orientation(ds: Dataset) -> np.ndarray:
-    return _geometry_vector(ds, "ImageOrientationPatient", "(0020,0037)",
-                            "the series geometry cannot be built")
-
-
-def _position(ds: Dataset) -> np.ndarray:
-    return _geometry_vector(ds, "ImagePositionPatient", "(0020,0032)",
-                            "the slices cannot be ordered")
-
-
-def _geometry_vector(ds: Dataset, keyword: str, tag: str, consequence: str) -> np.ndarray:
-    value = ds.get(keyword)
-    size = 6 if keyword == "ImageOrientationPatient" else 3
-    if value is None or len(value) != size:
-        raise PipelineError(ErrorCode.INVALID_FORMAT,
-                            f"a slice lacks {keyword} {tag}; {consequence}")
-    return np.array([float(v) for v in value], dtype=np.float64)
-
-
-def _axes(iop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    row = iop[:3] / np.linalg.norm(iop[:3])
-    col = iop[3:] / np.linalg.norm(iop[3:])
-    normal = np.cross(row, col)
-    return row, col, normal / np.linalg.norm(normal)
-
-
 def _check_consistent(datasets: Sequence[Dataset]) -> np.ndarray:
     """Same orientation and matrix size in every slice; returns the orientation."""
-    iop = _orientation(datasets[0])
+    iop = S.orientation(datasets[0])
     sizes = {(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) for ds in datasets}
     if len(sizes) != 1:
         raise PipelineError(ErrorCode.INVALID_DIMENSIONS,
                             f"slices differ in matrix size (Rows, Columns): {sorted(sizes)}")
     for ds in datasets[1:]:
-        if not np.allclose(_orientation(ds), iop, atol=_ORIENTATION_TOL):
+        if not np.allclose(S.orientation(ds), iop, atol=_ORIENTATION_TOL):
             raise PipelineError(ErrorCode.INVALID_FORMAT,
                                 "slices differ in ImageOrientationPatient; "
                                 "the series is not one 3-D acquisition")
@@ -238,9 +178,9 @@ def _check_consistent(datasets: Sequence[Dataset]) -> np.ndarray:
 
 
 def _sorted_by_normal(group: list[Dataset], normal: np.ndarray, name: str) -> list[Dataset]:
-    depth = np.array([_position(ds) @ normal for ds in group])
+    depth = np.array([S.position(ds) @ normal for ds in group])
     order = np.argsort(depth, kind="stable")
-    if np.any(np.diff(depth[order]) < _POSITION_TOL_MM):
+    if np.any(np.diff(depth[order]) < S.POSITION_TOL_MM):
         raise PipelineError(ErrorCode.INVALID_FORMAT,
                             f"two slices of {name} share one position; the files probably "
                             "mix several acquisitions — upload one series")
@@ -276,91 +216,15 @@ def _split(datasets: Sequence[Dataset]) -> tuple[str, list[Dataset], list[Datase
                             f"echo 1 has {len(group1)} slices but echo 2 has {len(group2)}; "
                             "the series is incomplete")
     iop = _check_consistent(datasets)
-    normal = _axes(iop)[2]
+    normal = S.axes(iop)[2]
     echo1 = _sorted_by_normal(group1, normal, "echo 1")
     echo2 = _sorted_by_normal(group2, normal, "echo 2")
-    pos1 = np.array([_position(ds) for ds in echo1])
-    pos2 = np.array([_position(ds) for ds in echo2])
-    if not np.allclose(pos1, pos2, atol=_POSITION_TOL_MM, rtol=0):
+    pos1 = np.array([S.position(ds) for ds in echo1])
+    pos2 = np.array([S.position(ds) for ds in echo2])
+    if not np.allclose(pos1, pos2, atol=S.POSITION_TOL_MM, rtol=0):
         raise PipelineError(ErrorCode.INVALID_FORMAT,
                             "echo 1 and echo 2 do not cover the same slice positions")
     return key, echo1, echo2
-
-
-# --------------------------------------------------------------------------- pixel volumes
-
-
-def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
-    """(column spacing, row spacing) in mm, i.e. SimpleITK's (x, y)."""
-    ps = ds.get("PixelSpacing")
-    values = [] if ps is None else [_to_float(v) for v in ps]
-    if len(values) != 2 or any(v is None or v <= 0 for v in values):
-        raise PipelineError(ErrorCode.INVALID_FORMAT,
-                            "PixelSpacing (0028,0030) is missing or invalid")
-    return values[1], values[0]
-
-
-def _slice_spacing(slices: Sequence[Dataset], normal: np.ndarray) -> float:
-    if len(slices) > 1:
-        # As ITK's series reader: the first-to-last distance spread over the gaps.
-        span = (_position(slices[-1]) - _position(slices[0])) @ normal
-        return float(span / (len(slices) - 1))
-    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-        value = _header_float(slices[0], keyword)
-        if value is not None and value > 0:
-            return value
-    return 1.0
-
-
-def _irregular_spacing_warning(slices: Sequence[Dataset], normal: np.ndarray) -> str | None:
-    if len(slices) < 3:
-        return None
-    gaps = np.diff([_position(ds) @ normal for ds in slices])
-    if np.ptp(gaps) > max(0.01 * float(np.mean(gaps)), _POSITION_TOL_MM):
-        return (f"slice spacing is irregular ({gaps.min():.4g} to {gaps.max():.4g} mm); "
-                "the volume uses the mean spacing")
-    return None
-
-
-def _read_pixels(ds_header: Dataset) -> np.ndarray:
-    """One slice's pixels (Rows, Columns) as float64 with RescaleSlope/Intercept applied."""
-    ds = pydicom.dcmread(ds_header.filename, force=True)
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for absent/unsupported pixel data
-        raise PipelineError(ErrorCode.INVALID_FORMAT,
-                            f"cannot decode the pixels of {Path(ds.filename).name}: {exc}"
-                            ) from exc
-    if arr.ndim != 2:
-        raise PipelineError(ErrorCode.INVALID_FORMAT,
-                            f"{Path(ds.filename).name} is not a single-frame greyscale image "
-                            f"(pixel array shape {arr.shape})")
-    slope = _header_float(ds, "RescaleSlope")
-    intercept = _header_float(ds, "RescaleIntercept")
-    out = arr.astype(np.float64)
-    if slope is not None and slope != 1.0:
-        out *= slope
-    if intercept:
-        out += intercept
-    return out
-
-
-def _volume(slices: Sequence[Dataset], iop: np.ndarray) -> sitk.Image:
-    rows, cols = int(slices[0].Rows), int(slices[0].Columns)
-    array = np.empty((len(slices), rows, cols), dtype=np.float32)
-    for k, ds in enumerate(slices):
-        pixels = _read_pixels(ds)
-        if pixels.shape != (rows, cols):
-            raise PipelineError(ErrorCode.INVALID_DIMENSIONS,
-                                f"slice {Path(ds.filename).name} has {pixels.shape} pixels, "
-                                f"expected {(rows, cols)}")
-        array[k] = pixels
-    row, col, normal = _axes(iop)
-    image = sitk.GetImageFromArray(array)
-    image.SetOrigin(tuple(float(v) for v in _position(slices[0])))
-    image.SetSpacing((*_pixel_spacing(slices[0]), _slice_spacing(slices, normal)))
-    image.SetDirection(tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()))
-    return image
 
 
 # --------------------------------------------------------------------------- loading
@@ -408,13 +272,13 @@ def load_qdess_series(paths: Sequence[str | Path]) -> QDessSeries:
                             f"none of the {len(files)} files is a DICOM image")
     grouped_by, echo1, echo2 = _split(headers)
     ref = echo1[0]
-    iop = _orientation(ref)
+    iop = S.orientation(ref)
     params = read_qdess_params(ref)
 
     warnings: list[str] = []
     if skipped:
         warnings.append(f"ignored {skipped} file(s) that are not DICOM images")
-    for note in (_irregular_spacing_warning(echo1, _axes(iop)[2]),
+    for note in (S.irregular_spacing_warning(echo1, S.axes(iop)[2]),
                  private_creator_warning(ref),
                  low_spoiling_warning(params) if params.tags_present else None):
         if note:
@@ -422,8 +286,8 @@ def load_qdess_series(paths: Sequence[str | Path]) -> QDessSeries:
 
     te1, te2 = _echo_time(echo1[0]), _echo_time(echo2[0])
     return QDessSeries(
-        echo1=_volume(echo1, iop),
-        echo2=_volume(echo2, iop),
+        echo1=S.volume(echo1, iop),
+        echo2=S.volume(echo2, iop),
         params=params,
         tags_present=params.tags_present,
         echo_times_ms=(math.nan if te1 is None else te1, math.nan if te2 is None else te2),
