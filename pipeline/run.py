@@ -329,44 +329,34 @@ def _shape_stage(ctx: StageContext) -> StageResult | None:
 
 def _write_stage(ctx: StageContext) -> StageResult:
     """The meshes, pictures, results table, provenance and zip; ``data["job"]`` holds what
-    ``run()`` returns besides (metrics, warnings, provenance, mesh files, zip)."""
-    loaded, outputs, options = ctx.data("loaded"), ctx.outputs, ctx.options
-    r = ctx.request
-    if not _has_labels(ctx):
-        out = StageResult()
-        done = [*ctx.results.values(), out]
-        warnings = [note for result in done for note in result.notes]
-        outputs.write_metrics({}, text=_t2_text(done))
-        provenance = package.provenance(
-            loaded, options, model_info=None, seg_source="none",
-            stage_seconds=r["stage_seconds"], started=r["started"], warnings=warnings,
-            mesh_index={}, extra=_stage_info(ctx))
-        outputs.write_json(provenance, f"{loaded.stem}_provenance.json")
-        out.data["job"] = {"metrics": {}, "warnings": warnings, "provenance": provenance,
-                           "mesh_files": {}, "zip": outputs.zip()}
-        return out
-    bones, seg_c, qc = ctx.data("bones"), ctx.data("seg_c"), ctx.results["Segmentation QC"]
-    mesh_index, mesh_files = package.write_meshes(outputs, bones)
-    visuals = viz.stage(ctx.out_dir, loaded.stem, bones, seg_c, qc=qc.info["qc"])
-    for path in visuals.files.values():
-        outputs.add(path)
-    done = [*ctx.results.values(), visuals]
+    ``run()`` returns besides (metrics, warnings, provenance, mesh files, zip). Without labels
+    (a MESE alone) there are no meshes or pictures, and the segmentation source is "none"."""
+    loaded, outputs, r = ctx.data("loaded"), ctx.outputs, ctx.request
+    if _has_labels(ctx):
+        bones, seg_c, qc = ctx.data("bones"), ctx.data("seg_c"), ctx.results["Segmentation QC"]
+        mesh_index, mesh_files = package.write_meshes(outputs, bones)
+        out = viz.stage(ctx.out_dir, loaded.stem, bones, seg_c, qc=qc.info["qc"])
+        for path in out.files.values():  # before the zip, which this stage closes
+            outputs.add(path)
+        segmentation, summary = ctx.results["Segmentation"], qc.info["qc"]
+        model_info, seg_source = segmentation.info.get("model"), segmentation.info["source"]
+        extra = {"qc": {"plausible": summary.get("plausible"), "reasons": summary.get("reasons")}}
+    else:
+        out, mesh_index, mesh_files = StageResult(), {}, {}
+        model_info, seg_source, extra = None, "none", {}
+    done = [*ctx.results.values(), out]
     metrics = _merged_metrics(done)
     warnings = [note for result in done for note in result.notes]
     outputs.write_metrics(metrics, text=_t2_text(done))
-    segmentation = ctx.results["Segmentation"]
-    summary = qc.info["qc"]
     provenance = package.provenance(
-        loaded, options, model_info=segmentation.info.get("model"),
-        seg_source=segmentation.info["source"], stage_seconds=r["stage_seconds"],
-        started=r["started"], warnings=warnings, mesh_index=mesh_index,
-        extra={"qc": {"plausible": summary.get("plausible"), "reasons": summary.get("reasons")},
-               **_stage_info(ctx)},
+        loaded, ctx.options, model_info=model_info, seg_source=seg_source,
+        stage_seconds=r["stage_seconds"], started=r["started"], warnings=warnings,
+        mesh_index=mesh_index, extra={**extra, **_stage_info(ctx)},
     )
     outputs.write_json(provenance, f"{loaded.stem}_provenance.json")
-    visuals.data["job"] = {"metrics": metrics, "warnings": warnings, "provenance": provenance,
-                           "mesh_files": mesh_files, "zip": outputs.zip()}
-    return visuals
+    out.data["job"] = {"metrics": metrics, "warnings": warnings, "provenance": provenance,
+                       "mesh_files": mesh_files, "zip": outputs.zip()}
+    return out
 
 
 def _stage_info(ctx: StageContext) -> dict:
