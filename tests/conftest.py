@@ -25,13 +25,23 @@ def shared_fixture(*parts: str) -> Path:
     return path
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` different TCP ports nobody listens on now, on 127.0.0.1. All are bound before any
+    is released: ports asked for one by one may come back equal (a scheduler and a worker then
+    fight over one port)."""
+    import socket
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now, on 127.0.0.1."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def sha256_of(path: Path) -> str:

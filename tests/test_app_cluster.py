@@ -28,7 +28,7 @@ from conftest import (  # noqa: E402
     analyze_cli,
     assert_same_metrics,
     first_job_id,
-    free_port,
+    free_ports,
     regzip,
     results_json,
     wait_until,
@@ -75,7 +75,7 @@ def test_app_runs_its_jobs_on_a_dask_cluster_and_survives_a_dead_worker(tmp_path
 
     outside = tmp_path / "elsewhere"  # workers start outside the project folder
     outside.mkdir()
-    sched_port, app_port = free_port(), free_port()
+    sched_port, app_port = free_ports(2)
     address = f"tcp://127.0.0.1:{sched_port}"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
            "TMPDIR": str(tmp_path / "tmp"), "PYTHONPATH": str(ROOT),

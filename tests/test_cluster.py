@@ -12,7 +12,6 @@ import asyncio
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import cloudpickle
 import pandas as pd
 import pytest
+from conftest import free_port, free_ports
 from install_env import ROOT, bare_env, clean_env, installed_env
 
 from pipeline import __version__
@@ -29,12 +29,6 @@ from pipeline.errors import ErrorCode, PipelineError
 from pipeline.synthetic import phantom as P
 
 TIMING = ["seconds", "started_utc", "finished_utc"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(python: Path, args: list[str], cwd: Path) -> subprocess.Popen:
@@ -83,7 +77,7 @@ def envs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def dask_cluster(envs):
     """``dask scheduler`` and two ``dask worker`` of the installed environment."""
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     python, cwd = envs["installed"], envs["outside"]
     procs = [_start(python, ["scheduler", "--host", "127.0.0.1", "--port", str(port),
@@ -147,7 +141,7 @@ def mixed_cluster(envs):
                           cwd=envs["outside"], env=clean_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1 and "No module named 'pipeline'" in proc.stderr, proc.stderr
-    port, bare_port = _free_port(), _free_port()
+    port, bare_port = free_ports(2)
     address = f"tcp://127.0.0.1:{port}"
     procs = [_start(envs["installed"], ["scheduler", "--host", "127.0.0.1", "--port", str(port),
                                         "--no-dashboard"], envs["outside"])]
@@ -208,7 +202,7 @@ def test_worker_that_cannot_start_is_named(envs, dask_cluster) -> None:
 
     with Client(dask_cluster, timeout=10) as client:
         client.register_plugin(SegmenterPlugin())
-        port = _free_port()
+        port = free_port()
         stuck = _start(envs["bare"], ["worker", dask_cluster, "--host", "127.0.0.1",
                                       "--worker-port", str(port), "--nthreads", "1",
                                       "--no-dashboard", "--name", "stuck"], envs["outside"])

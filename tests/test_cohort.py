@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import pytest
 import SimpleITK as sitk
 
 pytest.importorskip("distributed")
+
+from conftest import free_port  # noqa: E402
 
 from pipeline import models  # noqa: E402
 from pipeline.cohort import manifest as M  # noqa: E402
@@ -190,16 +191,10 @@ def test_rerun_recomputes_nothing(study, first_run) -> None:
     pd.testing.assert_frame_equal(again, first_run["results"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def dask_cluster():
     """A real ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1."""
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     common = {"cwd": ROOT, "env": ENV, "stdout": subprocess.DEVNULL,
               "stderr": subprocess.DEVNULL, "start_new_session": True}
